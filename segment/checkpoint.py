@@ -1,0 +1,111 @@
+"""Fine-tuned model checkpoints: `model.safetensors` + `model.json`, written atomically.
+
+A checkpoint folder is self-describing: `model.json` holds what `create_model` needs to rebuild the
+network (name and kwargs), the class map, the normalisation and the tile size used for sliding-window
+inference, so `evaluate` and `predict` need nothing else.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to `path` via a temp file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a completed temp folder to its final name, replacing an older one."""
+    final_dir = Path(final_dir)
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+
+
+def save_model(out_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write `model` (its state dict) and `meta` to `out_dir` atomically; returns `out_dir`.
+
+    `meta` must contain `model` (the registry name) and `model_kwargs`; see `load_model`.
+    """
+    out_dir = Path(out_dir)
+    missing = {"model", "model_kwargs"} - meta.keys()
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {sorted(missing)}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / MODEL_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint folder, its `model.safetensors`, or a run folder (-> `best`, then `last`)."""
+    path = Path(path)
+    if path.is_file() and path.name == MODEL_FILE:
+        path = path.parent
+    for candidate in (path, path / "best", path / "last"):
+        if (candidate / MODEL_FILE).is_file() and (candidate / META_FILE).is_file():
+            return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raise FileNotFoundError(
+        f"{path} is not a checkpoint: expected {MODEL_FILE} + {META_FILE} in it or in its best/ or last/"
+    )
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from a checkpoint folder (or run folder) and load its weights."""
+    from segment.models import create_model
+
+    ckpt = resolve_checkpoint(path)
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ckpt / META_FILE}: not valid JSON ({e})") from None
+    model = create_model(meta["model"], **meta["model_kwargs"])
+    state = load_file(str(ckpt / MODEL_FILE), device=map_location)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{ckpt / MODEL_FILE} does not match model {meta['model']!r}: "
+            f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+        )
+    model.eval()
+    log.info("loaded %s from %s", meta["model"], ckpt)
+    return model, meta

@@ -1,0 +1,113 @@
+"""Typed Hydra schemas for fine-tuning.
+
+The dataclasses are registered in Hydra's ConfigStore and extended by the YAML files in `configs/`, so
+an unknown key or a value of the wrong type stops the run at start-up with Hydra's message naming it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Loss(str, Enum):
+    dice_ce = "dice_ce"  # soft Dice + cross-entropy (default)
+    bce_dice = "bce_dice"  # NASA's 0.7 * BCE + 0.3 * Dice on one-hot targets
+    ce = "ce"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"  # linear warm-up, then cosine to zero, per step
+    plateau = "plateau"  # halve the LR when the monitored validation metric stalls
+    constant = "constant"
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Monitor(str, Enum):
+    miou = "miou"  # mean of per-class IoU: sensitive to the small classes (tertiary, crack)
+    nasa_iou = "nasa_iou"  # NASA benchmark IoU (pooled over classes; saturates near 96 on Super)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cs_unet_lite"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra create_model arguments
+    encoder_weights: dict[str, str] = field(default_factory=dict)  # branch ("cnn"/"swin") -> file
+    allow_mismatch: bool = False  # accept encoder checkpoints with missing/unexpected keys
+    init_decoder: bool = False  # CS-UNet/Swin-UNet: mirror the Swin encoder into the decoder
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING  # a NASA-layout set (train/ train_annot/ ...) or an images/ masks/ folder
+    layout: str = "auto"
+    class_map: Any = "super"  # preset name (super, ebc, ebc_oxide, binary) or a dict
+    train_split: str = "train"
+    val_split: str = "val"
+    test_splits: list[str] = field(default_factory=lambda: ["test"])
+    extra_tests: dict[str, str] = field(default_factory=dict)  # name -> ROOT[:SPLIT], e.g. OOD sets
+    n_train: Optional[int] = None  # few-shot: use N training images (None = all)
+    train_names: list[str] = field(default_factory=list)  # or name them explicitly
+    crop_size: int = 256
+    samples_per_epoch: Optional[int] = None  # random crops per epoch (default: 4 per image, >= batch)
+    augment: str = "default"  # none | light | default
+    in_chans: int = 1
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.25])
+    synthetic: Optional[str] = None  # superalloy | coating: generate a NASA-layout set into the run
+    synthetic_size: int = 256
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    encoder_lr_mult: float = 1.0  # LR multiplier for pretrained encoder branches
+    schedule: Schedule = Schedule.cosine
+    warmup_epochs: float = 1.0
+    plateau_patience: int = 5
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 8
+    loss: Loss = Loss.dice_ce
+    precision: Precision = Precision.no  # bf16/fp16 apply on GPU only
+    seed: int = 0
+    patience: int = 15  # early stopping: epochs without improvement of `monitor`
+    monitor: Monitor = Monitor.miou
+    eval_every: int = 1
+    freeze_encoders_epochs: int = 0  # train only the decoder for the first N epochs
+    max_minutes: Optional[float] = None  # wall-clock budget; stops cleanly at an epoch end
+    tile_overlap: float = 0.5
+    tta: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = MISSING  # the run folder; rerunning with the same folder resumes
+    resume: bool = True
+    evaluate: bool = True  # evaluate the best checkpoint on the test sets at the end
+    overlays: int = 4  # validation/test overlay figures in the report
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="finetune_schema", node=FinetuneConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)

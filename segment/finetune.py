@@ -1,0 +1,401 @@
+"""`python -m segment.finetune [hydra overrides]`: fine-tune a segmentation model with Accelerate.
+
+One loop for CPU, one GPU and many GPUs (`accelerate launch -m segment.finetune out=RUN ...`; pass the
+same `out` to every rank). The run folder holds the resolved config, `history.csv`, TensorBoard logs,
+the resumable training state (`state/`), the `best/` and `last/` model checkpoints, the test
+evaluation (`eval/`) and `report.md`. Rerunning with the same `out` resumes where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from segment.checkpoint import atomic_write_text, replace_dir, save_model
+from segment.config import FinetuneConfig, Schedule, register_configs
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "state"
+TRAINER_FILE = "trainer.json"
+
+
+# ----------------------------------------------------------------------------------------- data
+def parse_set_spec(spec: str, default_split: str = "test") -> tuple[Path, str]:
+    """`ROOT[:SPLIT]` -> (root, split)."""
+    root, sep, split = spec.rpartition(":")
+    if not sep or "/" in split:
+        return Path(spec), default_split
+    return Path(root), split
+
+
+def prepare_synthetic(cfg: FinetuneConfig, accelerator: Accelerator) -> None:
+    """Generate the synthetic NASA-layout set into the run (main process; others wait)."""
+    from pretrain.synthetic import write_nasa_set
+
+    root = Path(cfg.data.root)
+    if accelerator.is_main_process and not (root / "train").is_dir():
+        size = (cfg.data.synthetic_size, cfg.data.synthetic_size)
+        log.info("writing synthetic %s data set to %s", cfg.data.synthetic, root)
+        write_nasa_set(root, cfg.data.synthetic, size=size, seed=0)
+    accelerator.wait_for_everyone()
+
+
+@dataclass
+class Data:
+    class_map: Any
+    train_pairs: list
+    val_pairs: list
+    test_sets: dict[str, list] = field(default_factory=dict)
+
+
+def load_data(cfg: FinetuneConfig) -> Data:
+    from segment.data import few_shot, find_pairs, get_class_map, select_by_name
+
+    d = cfg.data
+    class_map = get_class_map(OmegaConf.to_container(d.class_map) if OmegaConf.is_config(d.class_map) else d.class_map)
+    root = Path(d.root)
+    train = find_pairs(root, d.train_split, layout=d.layout)
+    train = select_by_name(train, list(d.train_names)) if d.train_names else few_shot(train, d.n_train, cfg.train.seed)
+    val = find_pairs(root, d.val_split, layout=d.layout)
+    tests: dict[str, list] = {}
+    for split in d.test_splits:
+        try:
+            tests[split] = find_pairs(root, split, layout=d.layout)
+        except FileNotFoundError as e:
+            log.warning("test split %r skipped: %s", split, e)
+    for name, spec in d.extra_tests.items():
+        troot, tsplit = parse_set_spec(spec)
+        try:
+            tests[name] = find_pairs(troot, tsplit, layout=d.layout)
+        except FileNotFoundError as e:
+            log.warning("extra test set %r skipped: %s", name, e)
+    log.info("data: %d train (%s), %d val, tests %s", len(train), ", ".join(p[0].name for p in train[:4]),
+             len(val), {k: len(v) for k, v in tests.items()})
+    return Data(class_map, train, val, tests)
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]:
+    from segment.models import create_model
+
+    kwargs = dict(num_classes=num_classes, in_chans=cfg.data.in_chans, img_size=cfg.data.crop_size)
+    kwargs.update(OmegaConf.to_container(cfg.model.kwargs) if OmegaConf.is_config(cfg.model.kwargs) else cfg.model.kwargs)
+    model = create_model(cfg.model.name, **kwargs)
+    if cfg.model.encoder_weights:
+        from segment.weights import load_model_encoders
+
+        load_model_encoders(model, dict(cfg.model.encoder_weights), allow_mismatch=cfg.model.allow_mismatch)
+    if cfg.model.init_decoder:
+        if not hasattr(model, "init_decoder_from_encoder"):
+            raise ValueError(f"model.init_decoder=true but {cfg.model.name} has no Swin decoder to initialise")
+        model.init_decoder_from_encoder()
+    return model, kwargs
+
+
+def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    """Decoder/encoder x decay/no-decay groups; norms, biases and position tables get no decay."""
+    encoder_ids = {id(p) for enc in getattr(model, "encoders", {}).values() for p in enc.parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim <= 1 or name.endswith(".bias") or "relative_position" in name or "pos_embed" in name
+        groups.setdefault((id(p) in encoder_ids, no_wd), []).append(p)
+    o = cfg.optim
+    return [
+        dict(params=ps, lr=o.lr * (o.encoder_lr_mult if enc else 1.0), weight_decay=0.0 if no_wd else o.weight_decay,
+             is_encoder=enc)
+        for (enc, no_wd), ps in sorted(groups.items())
+    ]
+
+
+def lr_lambdas(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int):
+    """Per-group LR factor of the global step: warm-up + cosine (or constant); encoders frozen first."""
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+    freeze = cfg.train.freeze_encoders_epochs * steps_per_epoch
+
+    def base(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.schedule == Schedule.cosine:
+            t = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return 1.0
+
+    def make(is_encoder: bool):
+        return lambda step: 0.0 if (is_encoder and step < freeze) else base(step)
+
+    return [make(g["is_encoder"]) for g in groups]
+
+
+# ------------------------------------------------------------------------------------ training
+class Preemption:
+    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next step and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("signal %d received: checkpointing at the next step", signum)
+        self.requested = True
+
+
+def validate(model: nn.Module, dataset, cfg: FinetuneConfig, device) -> dict[str, float]:
+    """Sliding-window prediction on the full validation images; NASA IoU and per-class IoU."""
+    from segment.infer import Predictor
+    from segment.metrics import aggregate, confusion_matrix
+
+    k = len(dataset.class_map.names)
+    predictor = Predictor(model, tile_size=cfg.data.crop_size, overlap=cfg.train.tile_overlap,
+                          batch_size=cfg.train.batch_size, device=device, tta=False)
+    cms = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        pred = predictor.predict_logits(item["image"]).argmax(0).numpy()
+        cms.append(confusion_matrix(pred, item["mask"].numpy(), k))
+    agg = aggregate(cms)
+    out = {"nasa_iou": float(agg["nasa_iou"]), "miou": float(agg["miou"])}
+    for name, v in zip(dataset.class_map.names, agg["iou_per_class"]):
+        out[f"iou_{name}"] = float(v)
+    return out
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = [",".join(keys)] + [",".join("" if r.get(k) is None else f"{r[k]}" for k in keys) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def train(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune, validate, checkpoint, evaluate the best model on the test sets; returns the results."""
+    from segment.data import SegmentationDataset, train_transform
+
+    out = Path(cfg.out).resolve()
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.precision.value if torch.cuda.is_available() else "no",
+    )
+    main_proc = accelerator.is_main_process
+    if not main_proc:
+        logging.getLogger().setLevel(logging.WARNING)
+    set_seed(cfg.train.seed, device_specific=True)
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.data.synthetic:
+        prepare_synthetic(cfg, accelerator)
+
+    data = load_data(cfg)
+    cm = data.class_map
+    k = len(cm.names)
+    mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
+    n_samples = cfg.data.samples_per_epoch or max(8 * len(data.train_pairs), 4 * cfg.train.batch_size)
+    train_ds = SegmentationDataset(
+        data.train_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std,
+        transform=train_transform(cfg.data.crop_size, strength=cfg.data.augment), samples_per_epoch=n_samples,
+    )
+    val_ds = SegmentationDataset(data.val_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std)
+    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+
+    model, model_kwargs = build_model(cfg, k)
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = len(loader)
+    if cfg.optim.schedule == Schedule.plateau:
+        warm = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(groups, cfg, steps_per_epoch))
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                             patience=cfg.optim.plateau_patience)
+    else:
+        warm = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(groups, cfg, steps_per_epoch))
+        plateau = None
+    accelerator.register_for_checkpointing(warm)
+    if plateau is not None:
+        accelerator.register_for_checkpointing(plateau)
+
+    from segment.losses import build_loss
+
+    criterion = build_loss(cfg.train.loss)
+    meta = dict(
+        model=cfg.model.name, model_kwargs=model_kwargs, class_names=list(cm.names),
+        colors=[list(c) for c in cm.overlay_colors], class_map=OmegaConf.to_container(cfg.data.class_map)
+        if OmegaConf.is_config(cfg.data.class_map) else cfg.data.class_map,
+        tile_size=cfg.data.crop_size, in_chans=cfg.data.in_chans, mean=list(mean), std=list(std),
+        encoder_weights=dict(cfg.model.encoder_weights), train_images=[p[0].name for p in data.train_pairs],
+    )
+
+    # ---- resume
+    state = dict(epoch=0, step_in_epoch=0, global_step=0, best=-1.0, best_epoch=-1, bad_epochs=0, elapsed=0.0)
+    history = read_history(out / "history.csv")
+    if cfg.resume and (out / STATE_DIR / TRAINER_FILE).is_file():
+        accelerator.load_state(str(out / STATE_DIR))
+        state.update(json.loads((out / STATE_DIR / TRAINER_FILE).read_text()))
+        history = [r for r in history if r.get("epoch") is not None and r["epoch"] < state["epoch"] + 1]
+        log.info("resumed from %s at epoch %d, step %d", out / STATE_DIR, state["epoch"], state["global_step"])
+
+    def save_state() -> None:
+        tmp = out / f".{STATE_DIR}.tmp"
+        accelerator.save_state(str(tmp))
+        if main_proc:
+            (tmp / TRAINER_FILE).write_text(json.dumps(state))
+            replace_dir(tmp, out / STATE_DIR)
+        accelerator.wait_for_everyone()
+
+    writer = None
+    if main_proc:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    preempt = Preemption()
+    t_start = time.time() - state["elapsed"]
+    stop_reason = "epochs"
+    unwrapped = accelerator.unwrap_model(model)
+
+    while state["epoch"] < cfg.train.epochs:
+        epoch = state["epoch"]
+        model.train()
+        epoch_loader = accelerator.skip_first_batches(loader, state["step_in_epoch"]) if state["step_in_epoch"] else loader
+        losses = []
+        bar = tqdm(epoch_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not main_proc,
+                   initial=state["step_in_epoch"], total=steps_per_epoch, leave=False)
+        for batch in bar:
+            logits = model(batch["image"])
+            loss = criterion(logits, batch["mask"])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {state['global_step']}")
+            accelerator.backward(loss)
+            if cfg.optim.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            warm.step()
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if writer:
+                writer.add_scalar("train/loss", loss.item(), state["global_step"])
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state["global_step"])
+            if preempt.requested:
+                state["elapsed"] = time.time() - t_start
+                save_state()
+                log.warning("checkpointed at step %d after a signal; exiting", state["global_step"])
+                return {"stopped": "signal", "global_step": state["global_step"]}
+        bar.close()
+
+        # ---- end of epoch: validate, checkpoint, early stopping
+        row: dict[str, Any] = dict(epoch=epoch + 1, step=state["global_step"], train_loss=float(np.mean(losses)) if losses else None,
+                                   lr=optimizer.param_groups[0]["lr"], minutes=(time.time() - t_start) / 60)
+        improved = False
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            metrics = [None]
+            if main_proc:
+                unwrapped.eval()
+                metrics = [validate(unwrapped, val_ds, cfg, accelerator.device)]
+                unwrapped.train()
+            metrics = broadcast_object_list(metrics)[0]
+            row.update({f"val_{k_}": v for k_, v in metrics.items()})
+            score = metrics[cfg.train.monitor.value]
+            if plateau is not None:
+                plateau.step(score)
+            if score > state["best"]:
+                state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
+                improved = True
+                if main_proc:
+                    save_model(out / "best", unwrapped, {**meta, "epoch": epoch + 1, "val": metrics})
+            else:
+                state["bad_epochs"] += 1
+            if writer:
+                for k_, v in metrics.items():
+                    writer.add_scalar(f"val/{k_}", v, epoch + 1)
+        history.append(row)
+        state.update(epoch=epoch + 1, step_in_epoch=0, elapsed=time.time() - t_start)
+        if main_proc:
+            write_history(out / "history.csv", history)
+            log.info("epoch %d: loss %.4f%s%s", epoch + 1, row["train_loss"] or float("nan"),
+                     "".join(f" {k_} {v:.4f}" for k_, v in row.items() if k_.startswith("val_") and k_ in ("val_nasa_iou", "val_miou")),
+                     " (best)" if improved else "")
+        save_state()
+        if state["bad_epochs"] >= cfg.train.patience:
+            stop_reason = f"early stop: no {cfg.train.monitor.value} gain in {cfg.train.patience} epochs"
+            break
+        if cfg.train.max_minutes and (time.time() - t_start) / 60 >= cfg.train.max_minutes:
+            stop_reason = f"time budget of {cfg.train.max_minutes} min"
+            break
+
+    minutes = (time.time() - t_start) / 60
+    log.info("training finished (%s) after %.1f min; best %s %.4f at epoch %d", stop_reason, minutes,
+             cfg.train.monitor.value, state["best"], state["best_epoch"])
+    if writer:
+        writer.close()
+    result: dict[str, Any] = dict(stopped=stop_reason, minutes=minutes, best=state["best"], best_epoch=state["best_epoch"],
+                                  global_step=state["global_step"], out=str(out),
+                                  train_images=meta["train_images"])
+    if main_proc:
+        save_model(out / "last", unwrapped, {**meta, "epoch": state["epoch"]})
+        if cfg.evaluate and data.test_sets:
+            result["test"] = evaluate_best(out, data, cfg, accelerator.device)
+        from segment.report import write_report
+
+        write_report(out, history, result, cfg)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def evaluate_best(out: Path, data: Data, cfg: FinetuneConfig, device) -> dict:
+    """Evaluate `best/` on every test set with the evaluation used by `segment.evaluate`."""
+    from segment.checkpoint import load_model
+    from segment.evaluate import evaluate_sets
+    from segment.infer import Predictor
+
+    model, meta = load_model(out / "best")
+    predictor = Predictor(model, tile_size=meta["tile_size"], overlap=cfg.train.tile_overlap, tta=cfg.train.tta,
+                          batch_size=cfg.train.batch_size, device=device, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    return evaluate_sets(predictor, data.test_sets, data.class_map, out / "eval", overlays=True,
+                         max_overlays=cfg.overlays)
+
+
+register_configs()
+
+
+@hydra.main(config_path="../configs", config_name="finetune", version_base="1.3")
+def main(cfg) -> float:
+    result = train(OmegaConf.to_object(cfg))
+    return float(result.get("best", float("nan")))
+
+
+if __name__ == "__main__":
+    main()
