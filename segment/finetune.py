@@ -69,7 +69,7 @@ def load_data(cfg: FinetuneConfig) -> Data:
     from segment.data import few_shot, find_pairs, get_class_map, select_by_name
 
     d = cfg.data
-    class_map = get_class_map(OmegaConf.to_container(d.class_map) if OmegaConf.is_config(d.class_map) else d.class_map)
+    class_map = get_class_map(d.class_map)
     root = Path(d.root)
     train = find_pairs(root, d.train_split, layout=d.layout)
     train = select_by_name(train, list(d.train_names)) if d.train_names else few_shot(train, d.n_train, cfg.train.seed)
@@ -224,7 +224,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     n_samples = cfg.data.samples_per_epoch or max(8 * len(data.train_pairs), 4 * cfg.train.batch_size)
     train_ds = SegmentationDataset(
         data.train_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std,
-        transform=train_transform(cfg.data.crop_size, strength=cfg.data.augment), samples_per_epoch=n_samples,
+        transform=train_transform(cfg.data.crop_size, strength=cfg.data.augment, seed=cfg.train.seed), samples_per_epoch=n_samples,
     )
     val_ds = SegmentationDataset(data.val_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std)
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
@@ -251,8 +251,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     criterion = build_loss(cfg.train.loss)
     meta = dict(
         model=cfg.model.name, model_kwargs=model_kwargs, class_names=list(cm.names),
-        colors=[list(c) for c in cm.overlay_colors], class_map=OmegaConf.to_container(cfg.data.class_map)
-        if OmegaConf.is_config(cfg.data.class_map) else cfg.data.class_map,
+        colors=[list(c) for c in cm.overlay_colors], class_map=cm.to_dict(),
         tile_size=cfg.data.crop_size, in_chans=cfg.data.in_chans, mean=list(mean), std=list(std),
         encoder_weights=dict(cfg.model.encoder_weights), train_images=[p[0].name for p in data.train_pairs],
     )

@@ -293,11 +293,10 @@ class Predictor:
         if not self.tta:
             return self._forward(tiles)
         transforms = dihedral_transforms(square=tiles.shape[-2] == tiles.shape[-1])
-        out = None
-        for t in transforms:
-            y = _undo(self._forward(_apply(tiles, t)), t)
-            out = y if out is None else out.add_(y)
-        return out.div_(len(transforms))
+        total = torch.zeros((), device=self.device)
+        for t in transforms:  # out of place: a model may return (a view of) its input
+            total = total + _undo(self._forward(_apply(tiles, t)), t)
+        return total / len(transforms)
 
     def _batches(self, image: Tensor, origins: Sequence[Origin]) -> Iterator[tuple[list[Origin], Tensor]]:
         th, tw = self.tile_hw

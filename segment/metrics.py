@@ -158,11 +158,12 @@ def aggregate(
 ) -> dict[str, Any]:
     """Set-level metrics from per-image confusion matrices.
 
-    Returns ``n_images``; ``nasa_iou_mean`` / ``nasa_iou_std`` (mean and population standard
-    deviation over images of the per-image :func:`nasa_iou`, the published figure);
-    ``per_image_nasa_iou``; ``miou_image_mean`` (mean over images of the per-image mIoU); and
-    ``pooled``: :func:`summarize` of the summed matrix (per-class IoU, mIoU, pixel accuracy over all
-    pixels of the set, which stays defined for rare classes missing from some images).
+    Returns ``n_images``; ``nasa_iou`` = ``nasa_iou_mean`` and ``nasa_iou_std`` (mean and
+    population standard deviation over images of the per-image :func:`nasa_iou`, the published
+    figure); ``per_image_nasa_iou``; ``miou_image_mean`` (mean over images of the per-image mIoU);
+    ``pooled``: :func:`summarize` of the summed matrix (per-class IoU, mIoU, pixel accuracy over
+    all pixels of the set, defined even for rare classes missing from some images), with shortcuts
+    ``miou``, ``pixel_accuracy`` and ``iou_per_class`` (a list in class order) taken from it.
     """
     cms = [np.asarray(c, dtype=np.int64) for c in per_image_cms]
     if not cms:
@@ -172,11 +173,17 @@ def aggregate(
         raise ValueError(f"confusion matrices differ in shape: {sorted(shapes)}")
     per_image = np.array([nasa_iou(c) for c in cms], dtype=np.float64)
     per_image_miou = np.array([mean_iou(c) for c in cms], dtype=np.float64)
+    total = np.sum(cms, axis=0)
+    pooled = summarize(total, class_names)
     return {
         "n_images": len(cms),
+        "nasa_iou": _nanmean(per_image),
         "nasa_iou_mean": _nanmean(per_image),
         "nasa_iou_std": float(np.nanstd(per_image)) if np.isfinite(per_image).any() else float("nan"),
         "per_image_nasa_iou": per_image.tolist(),
         "miou_image_mean": _nanmean(per_image_miou),
-        "pooled": summarize(np.sum(cms, axis=0), class_names),
+        "miou": pooled["miou"],
+        "pixel_accuracy": pooled["pixel_accuracy"],
+        "iou_per_class": iou_per_class(total).tolist(),
+        "pooled": pooled,
     }

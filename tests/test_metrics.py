@@ -106,5 +106,7 @@ def test_aggregate_mean_of_per_image_vs_pooled():
     assert agg["pooled"]["pixel_accuracy"] == pytest.approx(7 / 8)
     assert agg["pooled"]["nasa_iou"] == pytest.approx(7 / 9)
     assert agg["pooled"]["iou"]["a"] == pytest.approx(7 / 9)
+    assert agg["nasa_iou"] == agg["nasa_iou_mean"] and agg["miou"] == agg["pooled"]["miou"]
+    assert agg["iou_per_class"][:2] == pytest.approx([7 / 9, 7 / 9]) and math.isnan(agg["iou_per_class"][2])
     with pytest.raises(ValueError):
         aggregate([])

@@ -1,0 +1,460 @@
+"""Streaming input for pretraining: WebDataset shards -> decoded micrographs -> augmented views.
+
+Training (:func:`make_loader`), per DESIGN 2.2::
+
+    shards of this rank --resample--> tar samples --shuffle (encoded bytes)--> decode (16-bit kept)
+    --> robust intensity normalisation --> views --> worker batches
+    WebLoader(...).unbatched().shuffle(n).batched(bs, partial=False).with_epoch(steps)
+
+Facts of webdataset 1.0.2 this module is built around (read from its source):
+
+* ``WebDataset(resampled=True)`` draws shards from a ``ResampledShards`` seeded from pid, time and
+  ``os.urandom`` (its ``seed``/``shardshuffle`` are ignored), and ``split_by_node`` /
+  ``split_by_worker`` after that infinite random stream only thin it out: every rank still samples
+  every shard. Here the shard list is split between ranks *first* (``urls[rank::world]``, all of
+  them when there are fewer shards than ranks) and each worker resamples its rank's shards with a
+  ``ResampledShards(deterministic=True)`` seeded from (seed, rank, worker, epoch), so ranks read
+  different shards and a run is reproducible. No rank ever runs dry: the stream is infinite and
+  the epoch length is fixed on the loader, so every rank yields exactly ``steps_per_epoch``
+  full batches and collectives never hang.
+* ``wds.warn_and_continue`` sleeps 0.5 s per error. :class:`SkipCounter` is the handler used for
+  reading, decoding and mapping instead: it logs, counts and continues. Worker processes cannot
+  share a counter with the caller, so every sample carries the number of failures its worker met
+  since its previous sample; :attr:`Batch.skipped` is their sum (failures still riding on samples
+  in a shuffle buffer when an epoch ends are not reported).
+* No built-in decoder keeps 16 bits: :func:`decode_image` reads PNG (``I;16``) with Pillow and TIFF
+  with tifffile, in their native dtype.
+
+Intensity: each frame is mapped to [0, 1] by clipping at its 0.5th and 99.5th percentiles
+(:func:`normalize_intensity`, same for 8- and 16-bit data); a frame whose percentiles coincide
+falls back to its min/max, then to the dtype range (:func:`pretrain.io.to_float`).
+
+Do **not** pass the loader to ``accelerator.prepare``: with default settings only rank 0 would read
+and broadcast, or (dispatch off) each rank would drop (N-1)/N of its stream. Iterate it on every
+rank and move :class:`Batch` tensors to the device yourself.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import tifffile
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+
+from pretrain.io import to_float
+
+__all__ = [
+    "INTENSITY_PERCENTILES",
+    "MANIFEST_NAME",
+    "Batch",
+    "SkipCounter",
+    "decode_image",
+    "intensity_range",
+    "iterate_samples",
+    "list_shards",
+    "make_loader",
+    "normalize_intensity",
+]
+
+logger = logging.getLogger(__name__)
+
+INTENSITY_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+"""Percentiles clipped to 0 and 1 by :func:`normalize_intensity` (recorded in encoder exports)."""
+MANIFEST_NAME = "manifest.json"
+IMAGE_EXTENSIONS = ("png", "tif", "tiff", "jpg", "jpeg")
+"""Sample fields holding the image, first found wins (our shards write ``png`` or ``tif``)."""
+
+
+# --- intensity -------------------------------------------------------------------------------
+
+
+def intensity_range(image: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+                    ) -> tuple[float, float]:
+    """Values at ``percentiles`` of ``image`` (nearest rank), widened to min/max, then to the dtype
+    range, when they coincide. uint8/uint16 use a histogram (O(pixels), no sort)."""
+    flat = np.asarray(image).reshape(-1)
+    if flat.size == 0:
+        raise ValueError("empty image")
+    q = np.asarray(percentiles, dtype=np.float64) / 100.0
+    if flat.dtype in (np.uint8, np.uint16):
+        cdf = np.cumsum(np.bincount(flat, minlength=256))
+        ranks = np.clip(np.ceil(q * flat.size).astype(np.int64), 1, flat.size)
+        lo, hi = (float(v) for v in np.searchsorted(cdf, ranks))
+    else:
+        sample = flat[:: max(1, flat.size // (1 << 22))].astype(np.float64)  # <= ~4M values
+        lo, hi = (float(v) for v in np.nanpercentile(sample, 100.0 * q))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("image has no finite values")
+    if hi <= lo:
+        lo, hi = float(np.nanmin(flat)), float(np.nanmax(flat))
+    return lo, hi
+
+
+def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+                        *, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """``image`` as float32 in [0, 1]: ``(x - lo) / (hi - lo)`` clipped, ``lo, hi`` from
+    :func:`intensity_range` unless ``value_range`` is given. A constant image falls back to
+    :func:`pretrain.io.to_float` (dtype range)."""
+    lo, hi = value_range if value_range is not None else intensity_range(image, percentiles)
+    if hi <= lo:
+        return to_float(image)
+    out = np.asarray(image, dtype=np.float32) - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, extension: str) -> np.ndarray:
+    """Encoded image bytes -> ``H x W`` array in the stored dtype (uint8, uint16, float32, ...).
+
+    PNG/JPEG through Pillow (16-bit gray stays uint16), TIFF through tifffile (first page).
+    Colour is reduced to gray: equal channels collapse, others take BT.601 luminance.
+    """
+    ext = extension.lower().lstrip(".")
+    if ext in ("tif", "tiff"):
+        array = tifffile.imread(io.BytesIO(data), key=0)
+    elif ext in ("png", "jpg", "jpeg"):
+        with Image.open(io.BytesIO(data)) as img:
+            if img.mode in ("I;16", "I;16B", "I;16L", "L", "I", "F"):
+                array = np.asarray(img)
+                if img.mode == "I" and array.size and array.min() >= 0 and array.max() <= 65535:
+                    array = array.astype(np.uint16)
+            else:
+                array = np.asarray(img.convert("L"))
+    else:
+        raise ValueError(f"not an image extension: {extension!r}")
+    array = np.squeeze(array)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        rgb = array[..., :3]
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+            array = rgb[..., 0]
+        else:
+            array = (rgb @ np.array([0.299, 0.587, 0.114])).astype(rgb.dtype)
+    if array.ndim != 2 or array.size == 0:
+        raise ValueError(f"decoded image has unsupported shape {array.shape}")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def _decode_field(key: str, data: bytes) -> np.ndarray | None:
+    """webdataset decoder handler: image fields to arrays, anything else left to the defaults."""
+    ext = key.lstrip(".").lower()
+    return decode_image(data, ext) if ext in IMAGE_EXTENSIONS else None
+
+
+def _sample_image(sample: dict[str, Any]) -> np.ndarray:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise KeyError(f"sample {sample.get('__key__')!r} from {sample.get('__url__')} has no image "
+                   f"(fields: {sorted(k for k in sample if not k.startswith('__'))})")
+
+
+def _sample_label(sample: dict[str, Any], required: bool) -> int:
+    meta = sample.get("json") or {}
+    label = meta.get("label_index")
+    if label is None:
+        if required:
+            raise KeyError(f"sample {sample.get('__key__')!r} from {sample.get('__url__')} has no label")
+        return -1
+    return int(label)
+
+
+# --- error handling --------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """webdataset exception handler that logs, counts and continues (no sleep).
+
+    One instance serves every stage of a pipeline; in a DataLoader each worker holds its own copy.
+    :meth:`take` returns the failures since its last call. More than ``max_consecutive`` failures
+    without a good sample in between raise, so a dataset that is entirely unreadable fails loudly
+    instead of looping forever.
+    """
+
+    def __init__(self, *, log_first: int = 20, log_every: int = 1000, max_consecutive: int = 10_000) -> None:
+        self.count = 0
+        self.pending = 0
+        self.log_first, self.log_every, self.max_consecutive = log_first, log_every, max_consecutive
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        self.pending += 1
+        cause = exn.__cause__ or exn
+        if self.count <= self.log_first or self.count % self.log_every == 0:
+            logger.warning("skipped a corrupt or unreadable sample (%d so far in pid %d): %s: %s",
+                           self.count, os.getpid(), type(cause).__name__, cause)
+        if self.pending > self.max_consecutive:
+            raise RuntimeError(f"{self.pending} consecutive samples failed; last error: {cause!r}") from exn
+        return True
+
+    def take(self) -> int:
+        """Failures since the previous call (and resets the consecutive-failure guard)."""
+        taken, self.pending = self.pending, 0
+        return taken
+
+
+# --- shard lists -----------------------------------------------------------------------------
+
+
+def list_shards(directory: str | os.PathLike[str], *, include_empty: bool = False) -> list[str]:
+    """Paths of the shards in ``directory`` as listed by its ``manifest.json`` (shards without
+    samples left out unless ``include_empty``). Without a manifest: the sorted ``*.tar`` files."""
+    root = Path(directory)
+    manifest = root / MANIFEST_NAME
+    if manifest.is_file():
+        entries = json.loads(manifest.read_text())["shards"]
+        names = [e["name"] for e in entries if include_empty or e.get("samples", 1) > 0]
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{root}: {len(missing)} shard(s) in the manifest are missing, "
+                                    f"e.g. {missing[0]}; rerun `python -m pretrain.shards` to resume")
+        urls = [str(root / n) for n in names]
+    else:
+        logger.warning("%s: no %s, using every *.tar file", root, MANIFEST_NAME)
+        urls = sorted(str(p) for p in root.glob("*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"{root}: no shards")
+    return urls
+
+
+def _resolve_urls(urls_or_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """A shard folder, a brace pattern (``shard-{000000..000009}.tar``), one path or a list."""
+    if isinstance(urls_or_dir, (str, os.PathLike)):
+        if Path(urls_or_dir).is_dir():
+            return list_shards(urls_or_dir)
+        return wds.shardlists.expand_urls(str(urls_or_dir))
+    urls = [str(u) for u in urls_or_dir]
+    if not urls:
+        raise ValueError("no shard urls given")
+    return urls
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed, else the RANK/WORLD_SIZE environment, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        r, w = rank, world_size
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= r < w:
+        raise ValueError(f"invalid rank {r} for world size {w}")
+    return r, w
+
+
+def _worker_id() -> int:
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else 0
+
+
+# --- pipeline stages (module-level classes so DataLoader workers can pickle them) -----------
+
+
+class _WorkerSeed:
+    """``ResampledShards`` worker seed: distinct per (rank, worker), independent of the process."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self) -> int:
+        return wds.utils.make_seed(self.rank, _worker_id())
+
+
+class _SeededShuffle:
+    """Shuffle buffer seeded per (seed, rank, worker, epoch); placed before decoding so it holds
+    encoded bytes, not decoded frames."""
+
+    def __init__(self, bufsize: int, seed: int, rank: int) -> None:
+        self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, -1
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        self.epoch += 1
+        rng = random.Random(wds.utils.make_seed(self.seed, self.rank, _worker_id(), self.epoch))
+        return wds.shuffle(self.bufsize, initial=min(100, self.bufsize), rng=rng)(source)
+
+
+class _Prepare:
+    """Decoded sample -> ``(key, label, image)``: robust normalisation (intensity range from the
+    whole frame), optional random tile of at most ``max_side`` pixels, float tensor 1xHxW."""
+
+    def __init__(self, with_labels: bool, percentiles: tuple[float, float], max_side: int | None) -> None:
+        self.with_labels, self.percentiles, self.max_side = with_labels, percentiles, max_side
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[str, int, Tensor]:
+        image = _sample_image(sample)
+        label = _sample_label(sample, self.with_labels)
+        value_range = intensity_range(image, self.percentiles)
+        if self.max_side is not None:
+            image = _random_tile(image, self.max_side)
+        tensor = torch.from_numpy(normalize_intensity(image, value_range=value_range)).unsqueeze(0)
+        return sample["__key__"], label, tensor
+
+
+def _random_tile(image: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    top = int(torch.randint(h - max_side + 1, ())) if h > max_side else 0
+    left = int(torch.randint(w - max_side + 1, ())) if w > max_side else 0
+    return image[top:top + max_side, left:left + max_side]
+
+
+class _ApplyViews:
+    """``(key, label, image)`` -> flat ``(key, label, skipped, view_0, ..., view_k)``."""
+
+    def __init__(self, views: Callable[[Tensor], Sequence[Tensor]], counter: SkipCounter) -> None:
+        self.views, self.counter = views, counter
+
+    def __call__(self, sample: tuple[str, int, Tensor]) -> tuple[Any, ...]:
+        key, label, image = sample
+        views = self.views(image)
+        if isinstance(views, Tensor):
+            views = [views]
+        return (key, label, self.counter.take(), *views)
+
+
+def _collate(samples: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+    """Column-wise: tensors stacked, strings listed, numbers to an int64 tensor."""
+    columns = []
+    for column in zip(*samples, strict=True):
+        first = column[0]
+        if isinstance(first, Tensor):
+            columns.append(torch.stack(column))
+        elif isinstance(first, str):
+            columns.append(list(column))
+        else:
+            columns.append(torch.tensor(column, dtype=torch.int64))
+    return tuple(columns)
+
+
+class Batch(NamedTuple):
+    """One training batch.
+
+    ``views``: one ``B x C x H x W`` float32 tensor per view position (2 for TwoViews, 2 + n_local
+    for MultiCrop); ``labels``: int64 ``B`` (``-1`` = no label); ``skipped``: corrupt or unreadable
+    samples/shard tails dropped by the workers, reported with this batch; ``keys``: sample keys.
+    """
+
+    views: list[Tensor]
+    labels: Tensor
+    skipped: int
+    keys: list[str]
+
+
+def _to_batch(columns: tuple[Any, ...]) -> Batch:
+    keys, labels, skipped, *views = columns
+    return Batch(views=list(views), labels=labels, skipped=int(skipped.sum()), keys=keys)
+
+
+# --- public entry points ---------------------------------------------------------------------
+
+
+def make_loader(
+    urls_or_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    batch_size: int,
+    steps_per_epoch: int,
+    views: Callable[[Tensor], Sequence[Tensor]],
+    num_workers: int,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    with_labels: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+    max_side: int | None = None,
+    mix_buffer: int | None = None,
+    **loader_kwargs: Any,
+) -> wds.WebLoader:
+    """Infinite resampled training stream cut into epochs of exactly ``steps_per_epoch`` full
+    :class:`Batch` es of ``batch_size`` on every rank (``len(loader) == steps_per_epoch``).
+
+    ``views`` maps a float ``1 x H x W`` tensor in [0, 1] to a list of crops (:mod:`pretrain.views`).
+    ``shuffle_buffer`` samples (encoded) per worker are shuffled before decoding; ``mix_buffer``
+    decoded samples (default ``4 * batch_size``) are mixed across workers in the main process.
+    ``rank``/``world_size`` default to torch.distributed, then the RANK/WORLD_SIZE environment.
+    ``with_labels`` skips (and counts) samples without a ``label_index`` in their metadata.
+    ``max_side`` randomly tiles larger frames before the views. Extra keyword arguments go to the
+    DataLoader (``pin_memory``, ``prefetch_factor``, ``multiprocessing_context``, ...).
+    Do not pass the result to ``accelerator.prepare`` (see the module notes).
+    """
+    if batch_size < 1 or steps_per_epoch < 1:
+        raise ValueError("batch_size and steps_per_epoch must be positive")
+    urls = _resolve_urls(urls_or_dir)
+    rank, world = _rank_world(rank, world_size)
+    if len(urls) >= world:
+        rank_urls = urls[rank::world]
+    else:
+        logger.warning("%d shards for %d ranks: every rank resamples all of them (write more, "
+                       "smaller shards)", len(urls), world)
+        rank_urls = urls
+    logger.info("rank %d/%d: %d of %d shards, %d workers", rank, world, len(rank_urls), len(urls), num_workers)
+
+    counter = SkipCounter()
+    dataset = wds.DataPipeline(
+        wds.ResampledShards(rank_urls, seed=seed, worker_seed=_WorkerSeed(rank), deterministic=True),
+        wds.tarfile_to_samples(handler=counter),
+        _SeededShuffle(shuffle_buffer, seed, rank) if shuffle_buffer > 0 else None,
+        wds.decode(_decode_field, handler=counter),
+        wds.map(_Prepare(with_labels, percentiles, max_side), handler=counter),
+        wds.map(_ApplyViews(views, counter), handler=counter),
+        wds.batched(min(batch_size, 32), collation_fn=_collate, partial=True),
+    )
+    if num_workers > 0:
+        loader_kwargs.setdefault("persistent_workers", True)  # workers keep their epoch counters
+    generator = torch.Generator().manual_seed(wds.utils.make_seed(seed, rank, 1))
+    mix = mix_buffer if mix_buffer is not None else 4 * batch_size
+    loader = (
+        wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, generator=generator, **loader_kwargs)
+        .unbatched()
+        .shuffle(mix, initial=min(mix, batch_size), rng=random.Random(wds.utils.make_seed(seed, rank, 2)))
+        .batched(batch_size, collation_fn=_collate, partial=False)
+        .map(_to_batch)
+        .with_epoch(steps_per_epoch)
+    )
+    return loader.with_length(steps_per_epoch, silent=True)
+
+
+class _EvalSample:
+    def __init__(self, transform: Callable[[Tensor], Any] | None, percentiles: tuple[float, float]) -> None:
+        self.transform, self.percentiles = transform, percentiles
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int, str]:
+        image = torch.from_numpy(normalize_intensity(_sample_image(sample), self.percentiles)).unsqueeze(0)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, _sample_label(sample, False), sample["__key__"]
+
+
+def iterate_samples(
+    urls_or_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    transform: Callable[[Tensor], Any] | None = None,
+    percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+) -> wds.WebDataset:
+    """One ordered pass over every sample (evaluation, k-NN): yields ``(image, label, key)`` with
+    ``image`` the normalised ``1 x H x W`` float tensor (or ``transform(image)``, e.g.
+    :class:`pretrain.views.EvalView`) and ``label`` -1 when unknown.
+
+    Not resampled, not split between ranks (every rank that iterates sees every sample); split
+    between DataLoader workers when wrapped in one. Corrupt samples are logged and skipped.
+    """
+    counter = SkipCounter()
+    return (
+        wds.WebDataset(_resolve_urls(urls_or_dir), shardshuffle=False, nodesplitter=None,
+                       workersplitter=wds.split_by_worker, handler=counter, empty_check=False)
+        .decode(_decode_field, handler=counter)
+        .map(_EvalSample(transform, percentiles), handler=counter)
+    )

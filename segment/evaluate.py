@@ -1,0 +1,314 @@
+"""Evaluate a segmentation model on labelled sets: metrics tables and overlay figures.
+
+Every image is segmented whole with the sliding-window :class:`~segment.infer.Predictor` (NASA
+scored EBC on 512x512 quadrants; this project scores whole images and says so in the tables).
+Per set, the reported figure is the NASA benchmark IoU averaged over images (DESIGN.md 2.1), with
+per-class IoU, mIoU and pixel accuracy pooled over the set's pixels beside it.
+
+Outputs in ``out_dir``: ``metrics.csv`` (one row per image), ``summary.csv`` and ``summary.md``
+(one row per set), ``overlays/<set>/<image>.png`` (image | truth | prediction | errors).
+A file that cannot be read or scored is logged, skipped and listed; it never stops the run.
+
+CLI::
+
+    python -m segment.evaluate CHECKPOINT --set NAME=ROOT[:SPLIT] [--set ...] --out DIR \\
+        [--tta] [--overlap 0.5] [--class-map super] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segment.checkpoint import atomic_write_text
+from segment.data import ClassMap, get_class_map
+from segment.infer import Predictor
+from segment.metrics import aggregate, confusion_matrix, summarize
+
+__all__ = ["evaluate_image", "evaluate_sets", "format_summary_md", "parse_set_arg", "main"]
+
+logger = logging.getLogger(__name__)
+
+Pair = tuple[str | Path, str | Path]
+
+
+def _background(class_map: ClassMap) -> int:
+    """The class left untinted in overlays and read as background in error maps."""
+    return class_map.default if class_map.default is not None else 0
+
+
+def evaluate_image(
+    predictor: Predictor, image_path: str | Path, mask_path: str | Path, class_map: ClassMap
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read, segment and score one image.
+
+    Returns ``(cm, image, truth, pred)``: the confusion matrix, the float image in [0, 1], and the
+    uint8 truth and predicted label maps. Raises on unreadable files or mismatched sizes.
+    """
+    from pretrain.io import read_micrograph, read_raw, to_float
+
+    image = to_float(read_micrograph(image_path, gray=True).image)
+    truth = np.asarray(class_map.encode(read_raw(mask_path), mask_path))
+    if truth.shape != image.shape[:2]:
+        raise ValueError(f"mask {mask_path} is {truth.shape}, image is {image.shape[:2]}")
+    pred, _ = predictor.predict_image(image)
+    return confusion_matrix(pred, truth, len(class_map.names)), image, truth, pred
+
+
+def _set_result(cms: list[np.ndarray], names: Sequence[str]) -> dict[str, Any]:
+    if cms:
+        return aggregate(cms, names)
+    nan = float("nan")
+    empty = summarize(np.zeros((len(names), len(names)), np.int64), names)
+    return {"n_images": 0, "nasa_iou": nan, "nasa_iou_mean": nan, "nasa_iou_std": nan,
+            "per_image_nasa_iou": [], "miou_image_mean": nan, "miou": nan, "pixel_accuracy": nan,
+            "iou_per_class": [nan] * len(names), "pooled": empty}
+
+
+def evaluate_sets(
+    predictor: Predictor,
+    sets: Mapping[str, Sequence[Pair]],
+    class_map: ClassMap | str | Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    overlays: bool = True,
+    max_overlays: int = 8,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Segment and score every ``(image, mask)`` pair of every set; write tables and figures.
+
+    ``class_map`` is a ``segment.data.ClassMap``, a preset name or a dict. Returns, per set name,
+    :func:`segment.metrics.aggregate` of its images plus ``images`` (the per-image rows of
+    ``metrics.csv``) and ``failed`` (``{"image", "error"}`` for each skipped pair).
+    """
+    from tqdm.auto import tqdm
+
+    from segment.overlay import save_panel
+
+    cmap = get_class_map(class_map)
+    names = list(cmap.names)
+    colors = cmap.overlay_colors
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=sum(len(p) for p in sets.values()), desc="evaluate", unit="image",
+               disable=not progress)
+    try:
+        for set_name, pairs in sets.items():
+            bar.set_description(f"evaluate {set_name}")
+            cms: list[np.ndarray] = []
+            set_rows: list[dict[str, Any]] = []
+            failed: list[dict[str, str]] = []
+            for image_path, mask_path in pairs:
+                image_path = Path(image_path)
+                t0 = time.perf_counter()
+                try:
+                    cm, image, truth, pred = evaluate_image(predictor, image_path, mask_path, cmap)
+                except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
+                    logger.warning("skipping %s (set %s): %s", image_path, set_name, exc)
+                    failed.append({"image": str(image_path), "error": f"{type(exc).__name__}: {exc}"})
+                    bar.update(1)
+                    continue
+                row = _image_row(set_name, image_path.name, summarize(cm, names), time.perf_counter() - t0)
+                cms.append(cm)
+                set_rows.append(row)
+                if overlays and len(cms) <= max_overlays:
+                    title = (f"{set_name} / {image_path.name}: NASA IoU {_pct(row['nasa_iou'])} %, "
+                             f"mIoU {_pct(row['miou'])} %")
+                    try:
+                        save_panel(out / "overlays" / _safe(set_name) / f"{image_path.stem}.png",
+                                   image, truth, pred, names, colors, title,
+                                   background=_background(cmap))
+                    except Exception as exc:  # noqa: BLE001 - a figure is not worth the run
+                        logger.warning("no overlay for %s: %s", image_path, exc)
+                bar.update(1)
+            results[set_name] = {**_set_result(cms, names), "images": set_rows, "failed": failed}
+            rows.extend(set_rows)
+    finally:
+        bar.close()
+
+    settings = _settings(predictor)
+    _write_csv(out / "metrics.csv", rows, _image_columns(names))
+    _write_csv(out / "summary.csv", [_summary_row(n, r, names) for n, r in results.items()],
+               _summary_columns(names))
+    md = format_summary_md(results, names, settings)
+    atomic_write_text(out / "summary.md", md)
+    n_failed = sum(len(r["failed"]) for r in results.values())
+    if n_failed:
+        logger.warning("%d file(s) skipped:\n  %s", n_failed, "\n  ".join(
+            f"[{s}] {f['image']}: {f['error']}" for s, r in results.items() for f in r["failed"]))
+    logger.info("evaluation written to %s", out)
+    return results
+
+
+# ----------------------------------------------------------------------------- tables
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=+#" else "_" for c in name) or "set"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
+
+
+def _num(x: Any) -> Any:
+    """CSV cell: floats with 6 decimals, NaN as an empty cell."""
+    if isinstance(x, float):
+        return "" if not math.isfinite(x) else f"{x:.6f}"
+    return x
+
+
+def _image_columns(names: Sequence[str]) -> list[str]:
+    return (["set", "image", "nasa_iou", "miou", "mdice", "pixel_accuracy"]
+            + [f"iou_{n}" for n in names] + [f"dice_{n}" for n in names] + ["seconds"])
+
+
+def _image_row(set_name: str, image: str, s: dict[str, Any], seconds: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"set": set_name, "image": image}
+    row.update({k: s[k] for k in ("nasa_iou", "miou", "mdice", "pixel_accuracy")})
+    row.update({f"iou_{n}": v for n, v in s["iou"].items()})
+    row.update({f"dice_{n}": v for n, v in s["dice"].items()})
+    row["seconds"] = round(seconds, 3)
+    return row
+
+
+def _summary_columns(names: Sequence[str]) -> list[str]:
+    return (["set", "n_images", "n_failed", "nasa_iou_mean", "nasa_iou_std"]
+            + [f"iou_{n}" for n in names] + ["miou", "mdice", "pixel_accuracy", "miou_image_mean"])
+
+
+def _summary_row(set_name: str, r: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    pooled = r["pooled"]
+    row: dict[str, Any] = {"set": set_name, "n_images": r["n_images"], "n_failed": len(r["failed"]),
+                           "nasa_iou_mean": r["nasa_iou_mean"], "nasa_iou_std": r["nasa_iou_std"]}
+    row.update({f"iou_{n}": pooled["iou"][n] for n in names})
+    row.update({"miou": pooled["miou"], "mdice": pooled["mdice"],
+                "pixel_accuracy": pooled["pixel_accuracy"], "miou_image_mean": r["miou_image_mean"]})
+    return row
+
+
+def _settings(predictor: Predictor) -> str:
+    th, tw = predictor.tile_hw
+    tile = f"{th}" if th == tw else f"{th}x{tw}"
+    return (f"tile {tile}, overlap {predictor.overlap:g}, "
+            f"{'Gaussian' if predictor.gaussian else 'uniform'} weights, "
+            f"TTA {'8 flips/rotations' if predictor.tta else 'off'}")
+
+
+def format_summary_md(results: Mapping[str, dict[str, Any]], names: Sequence[str], settings: str = "") -> str:
+    """The per-set summary as a Markdown table (IoU in %), with its definitions and skipped files."""
+    head = ["set", "images", "NASA IoU (mean ± std)", *[f"IoU {n}" for n in names], "mIoU", "pixel acc."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for set_name, r in results.items():
+        p = r["pooled"]
+        cells = [set_name, str(r["n_images"]) + (f" ({len(r['failed'])} skipped)" if r["failed"] else ""),
+                 f"{_pct(r['nasa_iou_mean'])} ± {_pct(r['nasa_iou_std'])}",
+                 *[_pct(p["iou"][n]) for n in names], _pct(p["miou"]), _pct(p["pixel_accuracy"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "NASA IoU: the benchmark's IoU pooled over all classes (background included) per image, "
+        "mean ± population std over images. Per-class IoU, mIoU and pixel accuracy: pooled over "
+        "all pixels of the set. Whole images, sliding window"
+        + (f" ({settings})." if settings else "."),
+    ]
+    failed = [(s, f) for s, r in results.items() for f in r["failed"]]
+    if failed:
+        lines += ["", "Skipped files:", ""] + [f"- [{s}] `{f['image']}`: {f['error']}" for s, f in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _num(row.get(k)) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_set_arg(spec: str, default_split: str = "test") -> tuple[str, Path, str]:
+    """``NAME=ROOT[:SPLIT]`` (or ``ROOT[:SPLIT]``, named after the folder) -> (name, root, split)."""
+    name, sep, rest = spec.partition("=")
+    if not sep:
+        name, rest = "", spec
+    root, colon, split = rest.rpartition(":")
+    if not colon or not split or "/" in split or "\\" in split or len(root) < 2:
+        root, split = rest, default_split
+    if not root:
+        raise argparse.ArgumentTypeError(f"--set {spec!r}: expected NAME=ROOT[:SPLIT]")
+    root_path = Path(root)
+    if not name:
+        name = root_path.name + ("" if split == default_split else f"-{split}")
+    return name, root_path, split
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m segment.evaluate",
+        description="Score a fine-tuned model on labelled sets (NASA IoU, per-class IoU, mIoU) and "
+                    "write metrics.csv, summary.csv, summary.md and overlay figures.")
+    p.add_argument("checkpoint", help="checkpoint folder (model.safetensors + model.json) or run folder")
+    p.add_argument("--set", dest="sets", action="append", required=True, metavar="NAME=ROOT[:SPLIT]",
+                   help="a labelled set; SPLIT defaults to 'test' (repeatable)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    p.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction (default 0.5)")
+    p.add_argument("--class-map", default=None,
+                   help="class map preset (super, ebc, ...); default: the checkpoint's")
+    p.add_argument("--layout", choices=["auto", "nasa", "plain"], default="auto",
+                   help="folder layout of the sets (see segment.data.find_pairs)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype")
+    p.add_argument("--max-overlays", type=int, default=8, help="overlay figures per set")
+    p.add_argument("--no-overlays", action="store_true", help="write no figures")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``mseg-evaluate``); exit status 1 if a set has no scored image."""
+    import torch
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from segment.data import find_pairs
+
+    specs = [parse_set_arg(s) for s in args.sets]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
+    predictor = Predictor.from_checkpoint(args.checkpoint, overlap=args.overlap, tta=args.tta,
+                                          batch_size=args.batch_size, device=device, amp_dtype=amp)
+    meta = predictor.meta
+    spec = args.class_map if args.class_map is not None else meta.get("class_map")
+    if spec is None:
+        raise SystemExit("the checkpoint names no class map: pass --class-map")
+    class_map = get_class_map(spec)
+    trained = meta.get("class_names")
+    if trained is not None and len(trained) != len(class_map.names):
+        raise SystemExit(f"the checkpoint predicts {len(trained)} classes {list(trained)}, "
+                         f"the class map has {len(class_map.names)} {list(class_map.names)}")
+    sets: dict[str, list] = {}
+    for name, root, split in specs:
+        if name in sets:
+            raise SystemExit(f"--set name {name!r} given twice")
+        sets[name] = find_pairs(root, split, layout=args.layout)
+        logger.info("set %s: %d image(s) from %s/%s", name, len(sets[name]), root, split)
+    results = evaluate_sets(predictor, sets, class_map, args.out, overlays=not args.no_overlays,
+                            max_overlays=args.max_overlays, progress=not args.no_progress)
+    print(format_summary_md(results, class_map.names, _settings(predictor)), end="")
+    return 1 if any(r["n_images"] == 0 for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

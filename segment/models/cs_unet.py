@@ -1,0 +1,388 @@
+"""CS-UNet: a CNN and a Swin Transformer encoder feeding one Swin-UNet-style decoder; and Swin-UNet.
+
+Papers: K. Alrfou, T. Zhao, A. Kordijazi, "CS-UNet: A Generalizable and Flexible Segmentation
+Algorithm" (arXiv 2308.13917); H. Cao et al., "Swin-Unet" (arXiv 2105.05537). Architecture from
+the CS-UNet authors' released code (see DESIGN.md section 3), rebuilt on timm's Swin stages.
+
+Shapes for a 512 x 512 input, embed 96, window 8, ResNet-50 (NHWC tokens):
+    swin skips 128²x96, 64²x192, 32²x384; bottleneck (last stage + norm) 16²x768; CNN C1..C4
+    D0: concat(bottleneck, C4) -> PatchExpand (Linear 2816->1536, 2x)          -> 32²x384
+    D1: concat(D0, skip 2, C3) -> Linear 1792->384 -> Swin blocks -> 2x expand -> 64²x192
+    D2: concat(D1, skip 1, C2) -> Linear  896->192 -> Swin blocks -> 2x expand -> 128²x96
+    D3: concat(D2, skip 0, C1) -> Linear  448->96  -> Swin blocks              -> 128²x96
+    head: LayerNorm -> 4x PatchExpand -> 1x1 conv (no bias)                      -> K x 512²
+Swin-UNet is the same model without the CNN branch (each fusion concatenates stream and skip).
+
+Any input size: the input is padded (bottom/right) to `model.pad_multiple`, the least multiple
+that makes every stage's feature map an exact multiple of its window wherever windows are shifted,
+so timm's per-forward (`dynamic_mask`) shifted-window masks are exact, and the logits are cropped
+back. timm pads feature maps to the window inside a block itself, but it rolls before padding, so
+its shift mask would then mix rows from opposite borders; we never let that happen.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import resize_rel_pos_bias_table, trunc_normal_
+from timm.models import checkpoint_seq
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage
+
+from ._cnn import TimmCNNEncoder
+from ._layers import PAD_MODES, PatchExpand, check_input, lcm, pad_to_multiple, to_config
+from ._registry import register_model
+
+__all__ = ["CSUNet", "CSUNetDecoder", "DecoderStage"]
+
+_logger = logging.getLogger(__name__)
+
+
+class DecoderStage(nn.Module):
+    """One decoder scale: concat(stream, Swin skip, CNN feature) -> Linear -> Swin blocks -> 2x expand.
+
+    `swin` is a timm `SwinTransformerStage` without downsampling; `level` is the encoder stage it
+    mirrors (its width, resolution, depth and heads).
+    """
+
+    def __init__(self, level: int, dim: int, cnn_chs: int, swin: SwinTransformerStage, upsample: bool):
+        super().__init__()
+        self.level = level
+        self.fuse = nn.Linear(2 * dim + cnn_chs, dim)
+        self.swin = swin
+        self.upsample = PatchExpand(dim, dim // 2) if upsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, feat: torch.Tensor | None) -> torch.Tensor:
+        parts = [x, skip] if feat is None else [x, skip, feat]
+        x = self.fuse(torch.cat(parts, dim=-1))
+        if self.swin.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.swin.blocks, x)
+        else:
+            x = self.swin.blocks(x)
+        return self.upsample(x)
+
+
+class CSUNetDecoder(nn.Module):
+    """The Swin-UNet decoder with CNN features fused at every scale, sized from the built encoders.
+
+    Widths, resolutions, depths, heads, MLP ratio, qkv bias and drop-path rates of each decoder
+    stage are read from the mirrored timm encoder stage, so they can never disagree with it.
+
+    Args:
+        swin: the timm SwinTransformer encoder.
+        cnn_channels: CNN feature channels per Swin stage (0 where there is no CNN).
+        num_classes: output channels.
+        window_size: decoder window size.
+        proj_drop, attn_drop: dropout rates inside the decoder's Swin blocks.
+    """
+
+    def __init__(
+        self,
+        swin: SwinTransformer,
+        cnn_channels: Sequence[int],
+        num_classes: int,
+        window_size: int,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ):
+        super().__init__()
+        dims = [int(info["num_chs"]) for info in swin.feature_info]
+        n = len(dims)
+        self.bottleneck = PatchExpand(dims[-1] + cnn_channels[-1], dims[-1] // 2)
+        stages = []
+        for level in reversed(range(n - 1)):
+            enc = swin.layers[level]
+            block = enc.blocks[0]
+            stage = SwinTransformerStage(
+                dim=dims[level],
+                out_dim=dims[level],
+                input_resolution=enc.output_resolution,
+                depth=len(enc.blocks),
+                downsample=False,
+                num_heads=block.attn.num_heads,
+                window_size=window_size,
+                dynamic_mask=True,
+                mlp_ratio=block.mlp_ratio,
+                qkv_bias=block.attn.qkv.bias is not None,
+                proj_drop=proj_drop,
+                attn_drop=attn_drop,
+                drop_path=[getattr(b.drop_path1, "drop_prob", 0.0) for b in enc.blocks],
+            )
+            stages.append(DecoderStage(level, dims[level], cnn_channels[level], stage, upsample=level > 0))
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(dims[0])
+        self.expand = PatchExpand(dims[0], dims[0], scale=swin.patch_embed.patch_size[0])
+        self.head = nn.Conv2d(dims[0], num_classes, kernel_size=1, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(
+        self,
+        bottleneck: torch.Tensor,
+        skips: Sequence[torch.Tensor],
+        feats: Sequence[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """NHWC bottleneck, NHWC skips per level, NHWC CNN features per level (None: no CNN) -> NCHW logits."""
+        x = bottleneck if feats[-1] is None else torch.cat([bottleneck, feats[-1]], dim=-1)
+        x = self.bottleneck(x)
+        for stage in self.stages:
+            x = stage(x, skips[stage.level], feats[stage.level])
+        x = self.expand(self.norm(x))
+        return self.head(x.permute(0, 3, 1, 2))
+
+
+class CSUNet(nn.Module):
+    """CS-UNet (with `cnn_name`) or Swin-UNet (`cnn_name=None`) on timm encoders.
+
+    Args:
+        num_classes: output channels.
+        in_chans: input channels (both encoders get them).
+        img_size: training crop size; fixes which Swin stages use shifted windows (timm disables
+            the shift in a stage whose feature map is no larger than its window).
+        patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias: the Swin encoder
+            (timm `SwinTransformer` arguments); the decoder mirrors depths and heads.
+        drop_path_rate, proj_drop_rate, attn_drop_rate: Swin regularisation; decoder stages reuse
+            the drop-path rates of the encoder stages they mirror.
+        decoder_window_size: decoder window size (None: `window_size`).
+        cnn_name: timm CNN for the CNN branch (features at strides patch*2^i); None for Swin-UNet.
+        cnn_kwargs: extra `timm.create_model` arguments for the CNN.
+        swin_name: timm Swin entry point (its architecture arguments are all overridden; the name
+            matters for loading timm/Microsoft weights).
+        pad_mode: "constant" (zeros), "reflect" or "replicate", for inputs that need padding.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 3,
+        in_chans: int = 1,
+        img_size: int = 512,
+        patch_size: int = 4,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.2,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        decoder_window_size: int | None = None,
+        cnn_name: str | None = "resnet50",
+        cnn_kwargs: dict[str, Any] | None = None,
+        swin_name: str = "swin_tiny_patch4_window7_224",
+        pad_mode: str = "constant",
+    ):
+        super().__init__()
+        _validate(num_classes, in_chans, img_size, patch_size, embed_dim, depths, num_heads, window_size, pad_mode)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.pad_mode = pad_mode
+        self.config: dict[str, Any] = {}  # filled by the registered entry point
+        self._swin_spec = {
+            "timm_name": swin_name,
+            "timm_kwargs": dict(
+                num_classes=0, in_chans=in_chans, img_size=img_size, patch_size=patch_size,
+                embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads),
+                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate,
+                attn_drop_rate=attn_drop_rate, strict_img_size=False,
+            ),
+        }
+        self.swin = timm.create_model(swin_name, pretrained=False, **self._swin_spec["timm_kwargs"])
+        strides = [int(info["reduction"]) for info in self.swin.feature_info]
+        self.cnn = None
+        if cnn_name is not None:
+            self.cnn = TimmCNNEncoder(cnn_name, in_chans, strides=strides, **(cnn_kwargs or {}))
+        cnn_channels = self.cnn.channels if self.cnn is not None else [0] * len(strides)
+        self.decoder = CSUNetDecoder(
+            self.swin, cnn_channels, num_classes, decoder_window_size or window_size,
+            proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+        )
+        self.pad_multiple = self._pad_multiple(strides)
+
+    def _pad_multiple(self, strides: Sequence[int]) -> int:
+        """Least input multiple: the largest stride, and stride x window for every shifted stage."""
+        stages = [(i, stage.blocks) for i, stage in enumerate(self.swin.layers)]
+        stages += [(s.level, s.swin.blocks) for s in self.decoder.stages]
+        need = [strides[-1]]
+        for level, blocks in stages:
+            for block in blocks:
+                if any(block.shift_size):
+                    need += [strides[level] * w for w in block.window_size]
+        return lcm(need)
+
+    @property
+    def encoders(self) -> dict[str, nn.Module]:
+        """Branch name -> full timm model (timm key names), where encoder weights are loaded."""
+        out: dict[str, nn.Module] = {"swin": self.swin}
+        if self.cnn is not None:
+            out["cnn"] = self.cnn.model
+        return out
+
+    @property
+    def encoder_specs(self) -> dict[str, dict[str, Any]]:
+        """Branch name -> `{"timm_name", "timm_kwargs"}` rebuilding that branch with `timm.create_model`."""
+        specs = {"swin": {"timm_name": self._swin_spec["timm_name"], "timm_kwargs": dict(self._swin_spec["timm_kwargs"])}}
+        if self.cnn is not None:
+            specs["cnn"] = self.cnn.spec
+        return specs
+
+    def forward_swin(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Swin skips (NHWC tokens entering each stage's blocks, all but the last) and the bottleneck."""
+        x = self.swin.patch_embed(x)
+        skips = []
+        for stage in self.swin.layers:
+            x = stage.downsample(x)
+            skips.append(x)
+            if stage.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage.blocks, x)
+            else:
+                x = stage.blocks(x)
+        return skips[:-1], self.swin.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x in_chans x H x W (any H, W) -> B x num_classes x H x W logits."""
+        check_input(x, self.in_chans, type(self).__name__)
+        H, W = x.shape[-2:]
+        x = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
+        skips, bottleneck = self.forward_swin(x)
+        if self.cnn is not None:
+            feats = [f.permute(0, 2, 3, 1) for f in self.cnn(x)]
+        else:
+            feats = [None] * (len(skips) + 1)
+        logits = self.decoder(bottleneck, skips, feats)
+        return logits[..., :H, :W]
+
+    @torch.no_grad()
+    def init_decoder_from_encoder(self) -> list[str]:
+        """Copy each encoder stage's Swin blocks into the decoder stage mirroring it (the paper's transfer).
+
+        Tensors of equal shape are copied, relative-position tables are resized when the decoder
+        window differs, anything else is skipped. Returns (and logs) one line per decoder tensor.
+        Call it after loading the encoder weights.
+        """
+        lines: list[str] = []
+        counts = {"loaded": 0, "resized": 0, "skipped": 0}
+        for k, stage in enumerate(self.decoder.stages):
+            enc_blocks = self.swin.layers[stage.level].blocks
+            for j, block in enumerate(stage.swin.blocks):
+                dst_prefix = f"decoder.stages.{k}.swin.blocks.{j}"
+                src_prefix = f"swin.layers.{stage.level}.blocks.{j}"
+                src = enc_blocks[j].state_dict() if j < len(enc_blocks) else {}
+                for key, target in block.state_dict().items():
+                    source = src.get(key)
+                    if source is None:
+                        status, line = "skipped", f"{dst_prefix}.{key}: skipped (no {src_prefix}.{key})"
+                    elif source.shape == target.shape:
+                        target.copy_(source)
+                        status, line = "loaded", f"{dst_prefix}.{key} <- {src_prefix}.{key}: loaded {tuple(target.shape)}"
+                    elif key.endswith("relative_position_bias_table"):
+                        target.copy_(resize_rel_pos_bias_table(
+                            source, new_window_size=block.attn.window_size, new_bias_shape=tuple(target.shape),
+                            old_window_size=enc_blocks[j].attn.window_size,
+                        ))
+                        status = "resized"
+                        line = f"{dst_prefix}.{key} <- {src_prefix}.{key}: resized {tuple(source.shape)} -> {tuple(target.shape)}"
+                    else:
+                        status = "skipped"
+                        line = f"{dst_prefix}.{key}: skipped (shape {tuple(target.shape)} != {tuple(source.shape)})"
+                    counts[status] += 1
+                    lines.append(line)
+                    _logger.info("mirror init: %s", line)
+        _logger.info("mirror init: %d loaded, %d resized, %d skipped", counts["loaded"], counts["resized"], counts["skipped"])
+        return lines
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in the Swin encoder, the CNN and the decoder's Swin stages."""
+        self.swin.set_grad_checkpointing(enable)
+        if self.cnn is not None:
+            self.cnn.model.set_grad_checkpointing(enable)
+        for stage in self.decoder.stages:
+            stage.swin.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Relative-position tables, excluded from weight decay as in timm's Swin."""
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+
+def _validate(
+    num_classes: int, in_chans: int, img_size: int, patch_size: int, embed_dim: int,
+    depths: Sequence[int], num_heads: Sequence[int], window_size: int, pad_mode: str,
+) -> None:
+    """Clear errors for arguments timm would reject late or obscurely."""
+    for name, value in dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                            patch_size=patch_size, embed_dim=embed_dim, window_size=window_size).items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if len(depths) < 2 or len(depths) != len(num_heads) or min(depths) < 1:
+        raise ValueError(f"depths and num_heads need one positive entry per stage (>= 2 stages), got {list(depths)}, {list(num_heads)}")
+    for i, heads in enumerate(num_heads):
+        if heads < 1 or (embed_dim * 2**i) % heads:
+            raise ValueError(f"stage {i}: width {embed_dim * 2**i} is not divisible by num_heads {heads}")
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+
+
+def _create_cs_unet(variant: str, **kwargs: Any) -> CSUNet:
+    model = CSUNet(**kwargs)
+    model.config = to_config({"name": variant, **kwargs})
+    return model
+
+
+# Presets. cs_unet*: paper defaults (Swin-T "original" / "intermediate" depths, window 8, 512 crops, ResNet-50).
+_SWIN_ORIGINAL = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=8, img_size=512, drop_path_rate=0.2)
+_SWIN_INTERMEDIATE = dict(_SWIN_ORIGINAL, depths=(2, 2, 2, 2))
+_SWIN_LITE = dict(embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=8, img_size=256, drop_path_rate=0.1)
+_SWIN_TEST = dict(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, img_size=128, drop_path_rate=0.1)
+
+
+@register_model
+def cs_unet(**kwargs: Any) -> CSUNet:
+    """CS-UNet, paper "original": Swin-T depths (2,2,6,2), window 8, 512 crops, ResNet-50."""
+    return _create_cs_unet("cs_unet", **{**_SWIN_ORIGINAL, "cnn_name": "resnet50", **kwargs})
+
+
+@register_model
+def cs_unet_intermediate(**kwargs: Any) -> CSUNet:
+    """CS-UNet, paper "intermediate": Swin depths (2,2,2,2), window 8, 512 crops, ResNet-50."""
+    return _create_cs_unet("cs_unet_intermediate", **{**_SWIN_INTERMEDIATE, "cnn_name": "resnet50", **kwargs})
+
+
+@register_model
+def cs_unet_lite(**kwargs: Any) -> CSUNet:
+    """CS-UNet for small GPUs/CPU: Swin embed 48 (head dim 24), depths (2,2,2,2), 256 crops, ResNet-18."""
+    return _create_cs_unet("cs_unet_lite", **{**_SWIN_LITE, "cnn_name": "resnet18", **kwargs})
+
+
+@register_model
+def cs_unet_test(**kwargs: Any) -> CSUNet:
+    """Tiny CS-UNet for tests: Swin embed 24, window 4, timm `test_resnet`."""
+    return _create_cs_unet("cs_unet_test", **{**_SWIN_TEST, "cnn_name": "test_resnet", **kwargs})
+
+
+@register_model
+def swin_unet(**kwargs: Any) -> CSUNet:
+    """Swin-UNet (CS-UNet's decoder, no CNN branch) with the cs_unet Swin encoder."""
+    return _create_cs_unet("swin_unet", **{**_SWIN_ORIGINAL, "cnn_name": None, **kwargs})
+
+
+@register_model
+def swin_unet_lite(**kwargs: Any) -> CSUNet:
+    """Swin-UNet with the cs_unet_lite Swin encoder."""
+    return _create_cs_unet("swin_unet_lite", **{**_SWIN_LITE, "cnn_name": None, **kwargs})
+
+
+@register_model
+def swin_unet_test(**kwargs: Any) -> CSUNet:
+    """Tiny Swin-UNet for tests."""
+    return _create_cs_unet("swin_unet_test", **{**_SWIN_TEST, "cnn_name": None, **kwargs})
