@@ -150,7 +150,7 @@ def to_float(image: np.ndarray) -> np.ndarray:
         return image.astype(np.float32)
     if np.issubdtype(image.dtype, np.integer):
         scaled = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
-        return np.clip(scaled, 0.0, 1.0, out=scaled) if np.issubdtype(image.dtype, np.signedinteger) else scaled
+        return np.maximum(scaled, 0.0, out=scaled)  # negative values of signed types -> 0
     if np.issubdtype(image.dtype, np.floating):
         return np.clip(image.astype(np.float32), 0.0, 1.0)
     raise TypeError(f"to_float: unsupported dtype {image.dtype}")
@@ -273,7 +273,8 @@ def _decode_pillow(path: Path, *, palette_as_colour: bool) -> np.ndarray:
             if getattr(img, "n_frames", 1) > 1:
                 _warn(path, f"{img.n_frames} frames, using the first")
             img.load()
-            if path.suffix.lower() == ".png" and img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
+            is_png = path.suffix.lower() == ".png"
+            if is_png and img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
                 _warn(path, "16-bit colour PNG: Pillow reduces it to 8 bits per channel")
             return _pillow_to_array(img, palette_as_colour=palette_as_colour)
     except ImageReadError:

@@ -288,7 +288,8 @@ def coating(size: Size = (256, 256), seed: int = 0,
     rough = _profile(rng, w, 3 * mag) * 1.2 * mag + _profile(rng, w, 12 * mag) * 2.0 * mag
     # The layer is framed like an operator would (thickness a share of the height, as in NASA's
     # EBC images); pores, roughness and crack widths keep their pixel scale.
-    thickness = rng.uniform(0.11, 0.16) * h * mag * np.clip(1 + 0.25 * _profile(rng, w, 50 * mag), 0.5, 1.6)
+    variation = np.clip(1 + 0.25 * _profile(rng, w, 50 * mag), 0.5, 1.6)
+    thickness = rng.uniform(0.11, 0.16) * h * mag * variation
     top = centre - thickness / 2 + wave + rough
     bottom = centre + thickness / 2 + wave + 0.4 * _profile(rng, w, 30 * mag) * mag
     top = np.clip(top, 0.15 * h, 0.9 * h - 3)
@@ -362,7 +363,8 @@ def _crack_path(rng: np.random.Generator, mask: np.ndarray, x0: float, y0: float
     rows = np.arange(max(0, int(y0)), min(h, int(math.ceil(y1))))
     if rows.size == 0:
         return rows, rows.astype(float)
-    steps = drift + rng.normal(0, 0.7, rows.size) + (rng.random(rows.size) < 0.06) * rng.normal(0, 3, rows.size)
+    kinks = (rng.random(rows.size) < 0.06) * rng.normal(0, 3, rows.size)
+    steps = drift + rng.normal(0, 0.7, rows.size) + kinks
     xs = x0 + np.cumsum(steps)
     width = max(1, int(round(rng.uniform(1.0, 2.2) * mag)))
     offsets = np.arange(width) - width // 2
@@ -481,7 +483,8 @@ def _generator(kind: str) -> Generator:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """``python -m pretrain.synthetic``: write a NASA-layout labeled set or an unlabeled corpus."""
-    parser = argparse.ArgumentParser(prog="python -m pretrain.synthetic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.synthetic",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", choices=[*GENERATORS, "all"], default="superalloy",
                         help="material; 'all' only with --unlabeled")
     parser.add_argument("--out", type=Path, required=True, help="output folder")

@@ -215,7 +215,8 @@ def test_bad_files_raise_image_read_error_naming_the_file(tmp_path: Path, make, 
 
 def test_to_float_scales_by_dtype() -> None:
     np.testing.assert_allclose(to_float(np.array([0, 255], np.uint8)), [0.0, 1.0])
-    np.testing.assert_allclose(to_float(np.array([0, 65535, 32768], np.uint16)), [0.0, 1.0, 32768 / 65535])
+    np.testing.assert_allclose(to_float(np.array([0, 65535, 32768], np.uint16)),
+                               [0.0, 1.0, 32768 / 65535])
     np.testing.assert_allclose(to_float(np.array([-0.5, 0.25, 2.0], np.float64)), [0.0, 0.25, 1.0])
     np.testing.assert_allclose(to_float(np.array([-5, 2**31 - 1], np.int32)), [0.0, 1.0])
     assert to_float(np.zeros(3, np.uint16)).dtype == np.float32

@@ -16,8 +16,10 @@ clipping and step. Only ``method.student`` is trained::
         method.update_teacher(schedules.momentum(step))
 
 The EMA teacher is a submodule of the method but not of the student: it stays a plain fp32 module
-outside the engine, with ``requires_grad=False``, always in eval mode (no drop-path, and BatchNorm
-uses running statistics that are EMA-averaged from the student's with the weights).
+outside the engine, with ``requires_grad=False``. It runs in eval mode (no dropout / drop-path)
+except for its BatchNorm layers, which follow the method's mode: while training they normalise with
+batch statistics and track their own running statistics, as the teachers of DINO, BYOL and MoCo do
+with ResNets (an EMA of weights alone would leave the teacher's running statistics at their init).
 """
 from __future__ import annotations
 
@@ -162,40 +164,40 @@ class SSLMethod(nn.Module):
         """The method's loss on validated views; cast outputs with ``.float()`` before the loss."""
         raise NotImplementedError
 
+    def _two_views(self, views: list[Tensor]) -> list[Tensor]:
+        """The first two views, for two-view methods; extra (local) views are ignored, with a warning once."""
+        if len(views) > 2 and not getattr(self, "_warned_views", False):
+            logger.warning("%s uses 2 views; ignoring %d extra view(s) (configure 0 local crops)", self.name, len(views) - 2)
+            self._warned_views = True
+        return views[:2]
+
     def train(self, mode: bool = True) -> SSLMethod:
+        """Set the mode; the teacher stays in eval mode except its BatchNorm layers (module docstring)."""
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
+            for module in self.teacher.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train(mode)
         return self
 
     # ------------------------------------------------------------------------------------- EMA
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, from fp32 copies of the student.
-
-        Floating buffers (BatchNorm running statistics) are averaged the same way; integer buffers
-        are copied. A no-op for methods without a teacher.
+        """teacher <- momentum * teacher + (1 - momentum) * student, from fp32 copies of the student's
+        parameters (buffers are not averaged: BatchNorm statistics are the teacher's own). A no-op
+        for methods without a teacher. Under ZeRO-3 call it on every rank (parameters are gathered).
         """
         if self.teacher is None:
             return
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-        s_params = dict(self.student.named_parameters())
-        s_buffers = dict(self.student.named_buffers())
-        with _gathered(list(s_params.values())):
-            t_float, s_float = [], []
-            for name, t in self.teacher.named_parameters():
-                t_float.append(t)
-                s_float.append(s_params[name].detach().to(device=t.device, dtype=t.dtype))
-            for name, t in self.teacher.named_buffers():
-                s = s_buffers[name].detach()
-                if t.is_floating_point():
-                    t_float.append(t)
-                    s_float.append(s.to(device=t.device, dtype=t.dtype))
-                else:
-                    t.copy_(s)
-            torch._foreach_mul_(t_float, momentum)
-            torch._foreach_add_(t_float, s_float, alpha=1.0 - momentum)
+        student = dict(self.student.named_parameters())
+        with _gathered(list(student.values())):
+            names, teacher = zip(*self.teacher.named_parameters())
+            source = [student[n].detach().to(device=t.device, dtype=t.dtype) for n, t in zip(names, teacher)]
+            torch._foreach_mul_(teacher, momentum)
+            torch._foreach_add_(teacher, source, alpha=1.0 - momentum)
 
     # -------------------------------------------------------------------------- optimisation
     def last_layer_parameters(self) -> list[nn.Parameter]:

@@ -136,7 +136,9 @@ def unet_lite(**kwargs: Any) -> TimmUnet:
 @register_model
 def unet_test(**kwargs: Any) -> TimmUnet:
     """Tiny U-Net for tests (timm `test_resnet`, narrow decoder)."""
-    return _create_unet("unet_test", **{"cnn_name": "test_resnet", "decoder": "unet", "decoder_channels": _TEST_DECODER, **kwargs})
+    return _create_unet(
+        "unet_test", **{"cnn_name": "test_resnet", "decoder": "unet", "decoder_channels": _TEST_DECODER, **kwargs}
+    )
 
 
 @register_model
