@@ -84,8 +84,8 @@ class Schedules:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         if not 0 <= self.cfg.warmup_steps <= total_steps:
             raise ValueError(f"warmup_steps={self.cfg.warmup_steps} must lie in [0, total_steps={total_steps}]")
-        if not 0.0 <= self.cfg.momentum <= self.cfg.momentum_end <= 1.0:
-            raise ValueError(f"need 0 <= momentum <= momentum_end <= 1, got {self.cfg.momentum}, {self.cfg.momentum_end}")
+        if not (0.0 <= self.cfg.momentum <= 1.0 and 0.0 <= self.cfg.momentum_end <= 1.0):
+            raise ValueError(f"EMA momentum must lie in [0, 1], got {self.cfg.momentum} -> {self.cfg.momentum_end}")
         self.total_steps = total_steps
 
     def lr(self, step: int) -> float:

@@ -280,7 +280,10 @@ def _estimate_bytes(path: Path) -> int:
     """Upper bound of the encoded sample size: gray pixels x bytes per sample from the header
     (Pillow, then tifffile), else the file size."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(path)
+        with img:
             w, h = img.size
             per = 1 if img.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr") else (
                 2 if img.mode.startswith("I;16") or img.mode.startswith("RGB;16") else 4)

@@ -161,6 +161,8 @@ def test_bad_arguments_raise_clear_errors() -> None:
         create_model("unet_test", cnn_kwargs={"output_stride": 16})
     with pytest.raises(ValueError, match="pad_mode"):
         create_model("swin_unet_test", pad_mode="wrap")
+    with pytest.raises(ValueError, match="decoder_window_size must be a positive int"):
+        create_model("cs_unet_test", decoder_window_size=0)
     with pytest.raises(ValueError, match="decoder must be one of"):
         create_model("unet_test", decoder="fpn")
 

@@ -118,8 +118,8 @@ class SSLMethod(nn.Module):
             missing, _ = teacher.load_state_dict(self.student.state_dict(), strict=False)
             if missing:
                 raise RuntimeError(f"teacher keys absent from the student: {missing[:5]}")
-            teacher.float().requires_grad_(False).eval()
-            self.teacher = teacher
+            self.teacher = teacher.float().requires_grad_(False)
+            self.train(self.training)  # teacher: eval mode except BatchNorm
         n_student = sum(p.numel() for p in self.student.parameters())
         logger.info(
             "%s: student %.2f M parameters (%s)%s", self.name, n_student / 1e6, ", ".join(self.student.keys()),

@@ -13,6 +13,8 @@ import timm
 import torch
 import torch.nn as nn
 
+from ._layers import to_config
+
 __all__ = ["TimmCNNEncoder"]
 
 _logger = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class TimmCNNEncoder(nn.Module):
     @property
     def spec(self) -> dict[str, Any]:
         """`{"timm_name", "timm_kwargs"}`: enough to rebuild `self.model` with `timm.create_model`."""
-        return {"timm_name": self.timm_name, "timm_kwargs": dict(self.timm_kwargs)}
+        return {"timm_name": self.timm_name, "timm_kwargs": to_config(self.timm_kwargs)}
 
     def _freeze_unused(self) -> None:
         """Freeze parameters outside the feature path, found by pruning a meta-device twin."""
@@ -81,10 +83,11 @@ class TimmCNNEncoder(nn.Module):
             _logger.warning("could not find unused parameters of %s (%s)", self.timm_name, err)
             return
         used = {name for name, _ in twin.named_parameters()}
-        frozen = [name for name, p in self.model.named_parameters() if name not in used]
+        frozen = []
         for name, p in self.model.named_parameters():
             if name not in used:
                 p.requires_grad_(False)
+                frozen.append(name)
         if frozen:
             _logger.debug("%s: froze %d parameters outside the feature path: %s", self.timm_name, len(frozen), frozen)
 

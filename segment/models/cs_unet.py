@@ -44,15 +44,15 @@ class DecoderStage(nn.Module):
     """One decoder scale: concat(stream, Swin skip, CNN feature) -> Linear -> Swin blocks -> 2x expand.
 
     `swin` is a timm `SwinTransformerStage` without downsampling; `level` is the encoder stage it
-    mirrors (its width, resolution, depth and heads).
+    mirrors (its width, resolution, depth and heads); `out_dim` None means no expansion (last stage).
     """
 
-    def __init__(self, level: int, dim: int, cnn_chs: int, swin: SwinTransformerStage, upsample: bool):
+    def __init__(self, level: int, dim: int, cnn_chs: int, swin: SwinTransformerStage, out_dim: int | None):
         super().__init__()
         self.level = level
         self.fuse = nn.Linear(2 * dim + cnn_chs, dim)
         self.swin = swin
-        self.upsample = PatchExpand(dim, dim // 2) if upsample else nn.Identity()
+        self.upsample = PatchExpand(dim, out_dim) if out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, feat: torch.Tensor | None) -> torch.Tensor:
         parts = [x, skip] if feat is None else [x, skip, feat]
@@ -90,7 +90,7 @@ class CSUNetDecoder(nn.Module):
         super().__init__()
         dims = [int(info["num_chs"]) for info in swin.feature_info]
         n = len(dims)
-        self.bottleneck = PatchExpand(dims[-1] + cnn_channels[-1], dims[-1] // 2)
+        self.bottleneck = PatchExpand(dims[-1] + cnn_channels[-1], dims[-2])
         stages = []
         for level in reversed(range(n - 1)):
             enc = swin.layers[level]
@@ -110,7 +110,8 @@ class CSUNetDecoder(nn.Module):
                 attn_drop=attn_drop,
                 drop_path=[getattr(b.drop_path1, "drop_prob", 0.0) for b in enc.blocks],
             )
-            stages.append(DecoderStage(level, dims[level], cnn_channels[level], stage, upsample=level > 0))
+            out_dim = dims[level - 1] if level > 0 else None
+            stages.append(DecoderStage(level, dims[level], cnn_channels[level], stage, out_dim))
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(dims[0])
         self.expand = PatchExpand(dims[0], dims[0], scale=swin.patch_embed.patch_size[0])
@@ -130,7 +131,7 @@ class CSUNetDecoder(nn.Module):
         skips: Sequence[torch.Tensor],
         feats: Sequence[torch.Tensor | None],
     ) -> torch.Tensor:
-        """NHWC bottleneck, NHWC skips per level, NHWC CNN features per level (None: no CNN) -> NCHW logits."""
+        """NHWC bottleneck, skips and CNN features per level (None: no CNN) -> NCHW logits."""
         x = bottleneck if feats[-1] is None else torch.cat([bottleneck, feats[-1]], dim=-1)
         x = self.bottleneck(x)
         for stage in self.stages:
@@ -181,7 +182,10 @@ class CSUNet(nn.Module):
         pad_mode: str = "constant",
     ):
         super().__init__()
-        _validate(num_classes, in_chans, img_size, patch_size, embed_dim, depths, num_heads, window_size, pad_mode)
+        _validate(
+            num_classes, in_chans, img_size, patch_size, embed_dim, depths, num_heads, window_size, pad_mode,
+            decoder_window_size,
+        )
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.pad_mode = pad_mode
@@ -229,12 +233,11 @@ class CSUNet(nn.Module):
 
     @property
     def encoder_specs(self) -> dict[str, dict[str, Any]]:
-        """Branch name -> `{"timm_name", "timm_kwargs"}` rebuilding that branch with `timm.create_model`."""
-        swin = self._swin_spec
-        specs = {"swin": {"timm_name": swin["timm_name"], "timm_kwargs": dict(swin["timm_kwargs"])}}
+        """Branch -> `{"timm_name", "timm_kwargs"}` (plain JSON) rebuilding it with `timm.create_model`."""
+        specs = {"swin": self._swin_spec}
         if self.cnn is not None:
             specs["cnn"] = self.cnn.spec
-        return specs
+        return to_config(specs)
 
     def forward_swin(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Swin skips (NHWC tokens entering each stage's blocks, all but the last) and the bottleneck."""
@@ -326,6 +329,7 @@ def _mirror_block(
 def _validate(
     num_classes: int, in_chans: int, img_size: int, patch_size: int, embed_dim: int,
     depths: Sequence[int], num_heads: Sequence[int], window_size: int, pad_mode: str,
+    decoder_window_size: int | None,
 ) -> None:
     """Clear errors for arguments timm would reject late or obscurely."""
     for name, value in dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
@@ -342,12 +346,19 @@ def _validate(
             raise ValueError(f"stage {i}: width {embed_dim * 2**i} is not divisible by num_heads {heads}")
     if pad_mode not in PAD_MODES:
         raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    if decoder_window_size is not None and (not isinstance(decoder_window_size, int) or decoder_window_size < 1):
+        raise ValueError(f"decoder_window_size must be a positive int or None, got {decoder_window_size!r}")
 
 
 def _create_cs_unet(variant: str, **kwargs: Any) -> CSUNet:
     model = CSUNet(**kwargs)
     model.config = to_config({"name": variant, **kwargs})
+    _logger.debug("built %s: %.2f M parameters, pad multiple %d", variant, _millions(model), model.pad_multiple)
     return model
+
+
+def _millions(model: nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
 
 
 # Swin presets. Paper: Swin-T "original" / "intermediate" depths, window 8, 512 crops, drop-path 0.2.

@@ -115,6 +115,7 @@ class TimmUnet(nn.Module):
 def _create_unet(variant: str, **kwargs: Any) -> TimmUnet:
     model = TimmUnet(**kwargs)
     model.config = to_config({"name": variant, **kwargs})
+    _logger.debug("built %s: %.2f M parameters", variant, sum(p.numel() for p in model.parameters()) / 1e6)
     return model
 
 
