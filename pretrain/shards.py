@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import multiprocessing.pool
 import os
 import re
 import sys
@@ -457,6 +458,8 @@ def write_shards(
               label=name, label_index=vocabulary.index(name) if vocabulary and name is not None else None)
         for i, ((path, root), name) in enumerate(zip(pairs, names, strict=True))
     ]
+    if not items:
+        logger.warning("no images found in %s", ", ".join(str(p) for p in files_or_dirs))
     options = {"maxcount": maxcount, "maxsize": maxsize, "labels": str(spec) if spec is not None else None}
 
     previous: dict[str, ShardEntry] = {}
@@ -513,6 +516,10 @@ def write_shards(
         finally:
             bar.close()
             snapshot()  # keep whatever finished, so a rerun resumes
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # finished shards are in the manifest; the next run removes temp files
+        raise
     finally:
         if pool is not None:
             pool.close()
@@ -524,7 +531,7 @@ def write_shards(
     return manifest
 
 
-def _pool(workers: int) -> Any:
+def _pool(workers: int) -> mp.pool.Pool:
     """Process pool; 'spawn' so no thread/lock state of the parent is inherited."""
     return mp.get_context("spawn").Pool(workers)
 
