@@ -208,7 +208,8 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
         mixed_precision=cfg.train.precision.value if torch.cuda.is_available() else "no",
     )
     main_proc = accelerator.is_main_process
-    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)  # one line per saved file
+    for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not main_proc:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(cfg.train.seed, device_specific=True)
