@@ -33,6 +33,8 @@ def warmup_cosine(step: int, total: int, warmup: int, base: float, final: float,
         raise ValueError(f"step must be >= 0, got {step}")
     if step < warmup:
         return float(start + (base - start) * step / warmup)
+    if warmup == total:  # all warm-up: hold the peak afterwards
+        return float(base)
     return cosine_schedule(min(step, total - 1) - warmup, total - warmup, base, final)
 
 

@@ -173,6 +173,17 @@ def test_teacher_fp32_outside_student_and_ema(name: str) -> None:
         torch.testing.assert_close(p, s[n].float())
 
 
+def test_dino_teacher_sees_only_global_views() -> None:
+    method = make_method("dino", "resnet_test")
+    seen: dict[str, list] = {"student": [], "teacher": []}
+    for key in seen:
+        getattr(method, key)["backbone"].register_forward_hook(lambda m, i, o, k=key: seen[k].append(tuple(i[0].shape)))
+    out = method(make_batch("dino"), step=0, teacher_temp=0.03)
+    assert seen["teacher"] == [(8, 1, CROP, CROP)]
+    assert seen["student"] == [(8, 1, CROP, CROP), (8, 1, LOCAL, LOCAL)]
+    assert out["teacher_temp"].item() == pytest.approx(0.03)
+
+
 def test_no_teacher_methods_export_student_backbone() -> None:
     method = make_method("simclr", "swin_test")
     assert method.teacher is None and method.teacher_backbone() is method.student["backbone"]
@@ -203,7 +214,7 @@ def test_attach_routes_student_through_wrapper() -> None:
     method.attach(wrapper)
     method(make_batch("byol"), step=0)
     assert wrapper.calls == 1
-    assert "module" not in dict(method.named_children())  # the wrapper is not registered
+    assert all(m is not wrapper for m in method.modules())  # the wrapper is not registered
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -20,6 +20,10 @@ outside the engine, with ``requires_grad=False``. It runs in eval mode (no dropo
 except for its BatchNorm layers, which follow the method's mode: while training they normalise with
 batch statistics and track their own running statistics, as the teachers of DINO, BYOL and MoCo do
 with ResNets (an EMA of weights alone would leave the teacher's running statistics at their init).
+
+DeepSpeed bf16/fp16 casts the student's parameters but not its buffers; with BatchNorm backbones set
+``"data_types": {"buffer_dtype": "bf16"}`` in the DeepSpeed config (checked with deepspeed 0.19.8,
+ZeRO-2 on CPU), or BatchNorm fails on mixed dtypes.
 """
 from __future__ import annotations
 

@@ -1,0 +1,447 @@
+"""Bounded-memory sliding-window inference for micrographs of any size (DESIGN.md 4).
+
+:class:`~segment.infer.Predictor` accumulates ``K x H x W`` float32 logits for the whole image;
+for a 10k x 10k micrograph that is 1.2 GB per three classes, plus the weights and the input. Here
+the same tiles, in the same row-major order and batches, are summed into accumulators that hold
+only the rows a tile still to come can touch: tile batches advance down the image, and every row
+above the next tile's top edge is final, so it is divided by its summed weights, turned into
+labels (and optional uint8 probabilities), handed out, and its accumulator rows are reused.
+Peak memory is ``~(K + 1 + C) x (tile + step) x W`` floats plus the label map, so it grows with
+the image width, not its area. The result equals ``Predictor.predict_logits`` (same tiles, same
+order of summation, same batches).
+
+Inputs are read row by row through a :class:`RowSource`: an uncompressed TIFF is memory-mapped,
+a striped or tiled compressed TIFF is decoded one chunk row at a time, anything else is read
+whole in its native dtype (still ``1/(4K)`` of the float map). ``open_source`` picks one.
+
+Example::
+
+    predictor = Predictor.from_checkpoint("runs/ft/best")
+    with open_source("huge.tif") as src:
+        labels = predict_stream(predictor, src)            # uint8 H x W
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, MutableSequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pretrain.io import ImageReadError, read_micrograph, read_pixel_size_nm, to_float
+from segment.infer import Origin, Predictor, _pad_to, accumulate_tiles, tile_origins
+
+__all__ = [
+    "RowSource",
+    "ArraySource",
+    "TiffSource",
+    "CroppedSource",
+    "open_source",
+    "BandPlan",
+    "plan_bands",
+    "iter_logit_rows",
+    "predict_stream",
+    "thumbnail",
+    "probabilities_uint8",
+    "accumulator_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- row sources
+class RowSource(Protocol):
+    """Rows of one micrograph: ``shape`` is ``(H, W)``; ``rows(y0, y1)`` gives ``y1 - y0`` rows
+    (``h x W`` or ``h x W x C``) in the file's dtype."""
+
+    path: Path | None
+    pixel_size_nm: float | None
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def rows(self, y0: int, y1: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class _SourceBase:
+    path: Path | None = None
+    pixel_size_nm: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release file handles (nothing to do by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check(self, y0: int, y1: int) -> None:
+        h = self.shape[0]
+        if not 0 <= y0 <= y1 <= h:
+            raise IndexError(f"rows [{y0}, {y1}) outside an image of {h} rows")
+
+
+class ArraySource(_SourceBase):
+    """Rows of an in-memory (or ``np.memmap``) ``H x W`` / ``H x W x C`` array."""
+
+    def __init__(self, array: np.ndarray, path: str | os.PathLike[str] | None = None,
+                 pixel_size_nm: float | None = None) -> None:
+        if array.ndim not in (2, 3):
+            raise ValueError(f"expected an H x W or H x W x C image, got shape {array.shape}")
+        self.array = array
+        self.path = Path(path) if path is not None else None
+        self.pixel_size_nm = pixel_size_nm
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.array.shape[0]), int(self.array.shape[1])
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        self._check(y0, y1)
+        return np.asarray(self.array[y0:y1])
+
+
+class CroppedSource(_SourceBase):
+    """The first ``height`` rows of another source (e.g. everything above an SEM data bar)."""
+
+    def __init__(self, source: RowSource, height: int) -> None:
+        if not 0 < height <= source.shape[0]:
+            raise ValueError(f"crop height {height} outside 1..{source.shape[0]}")
+        self.source = source
+        self.height = int(height)
+        self.path = source.path
+        self.pixel_size_nm = source.pixel_size_nm
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.source.shape[1]
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        self._check(y0, y1)
+        return self.source.rows(y0, y1)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class TiffSource(_SourceBase):
+    """Rows of the first page of a single-channel TIFF without reading the whole page.
+
+    Uncompressed contiguous pages are memory-mapped; striped or tiled pages (any codec tifffile
+    and imagecodecs decode: LZW, deflate, JPEG ...) are decoded one chunk row at a time, the last
+    one cached. Raises :class:`ImageReadError` for files it cannot stream; :func:`open_source`
+    then falls back to reading the whole image.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import tifffile
+
+        self.path = Path(path)
+        self._tif: Any = None
+        self._memmap: np.ndarray | None = None
+        self._cache: tuple[int, np.ndarray] | None = None
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            page = self._tif.pages.first
+            n_pages = len(self._tif.pages)
+            shaped = tuple(page.shaped)  # (separate samples, depth, length, width, contig samples)
+            dtype = np.dtype(page.dtype) if page.dtype is not None else None
+            if shaped[0] != 1 or shaped[1] != 1 or shaped[4] != 1 or dtype is None \
+                    or dtype.kind not in "uif" or dtype.itemsize > 4 or page.bitspersample not in (8, 16, 32):
+                raise ImageReadError(self.path, f"not a streamable single-channel page (shape {page.shape}, "
+                                                f"dtype {page.dtype}, {page.bitspersample} bits)")
+            self._shape = (int(shaped[2]), int(shaped[3]))
+            self.dtype = dtype
+            if page.is_memmappable:
+                self._memmap = tifffile.memmap(self.path, page=0, mode="r").reshape(self._shape)
+                self._close_tif()
+            else:
+                self._page = page
+                self._chunk_h = int(page.chunks[0])
+                self._chunk_w = int(page.chunks[1]) if page.is_tiled else self._shape[1]
+                self._grid = tuple(int(n) for n in page.chunked[:2])  # chunk rows, chunk columns
+                self._chunk_row(0)  # probe the codec now rather than mid-stream
+            if n_pages > 1:
+                logger.warning("%s: %d pages, using the first", self.path, n_pages)
+        except ImageReadError:
+            self.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - tifffile and codecs raise many types
+            self.close()
+            raise ImageReadError(self.path, f"cannot stream TIFF ({exc})") from exc
+        self.pixel_size_nm = read_pixel_size_nm(self.path)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @property
+    def memory_mapped(self) -> bool:
+        return self._memmap is not None
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        self._check(y0, y1)
+        if self._memmap is not None:
+            return np.asarray(self._memmap[y0:y1])
+        if y1 == y0:
+            return np.zeros((0, self._shape[1]), self.dtype)
+        ch = self._chunk_h
+        r0, r1 = y0 // ch, (y1 - 1) // ch + 1
+        block = np.concatenate([self._chunk_row(r) for r in range(r0, r1)]) if r1 - r0 > 1 \
+            else self._chunk_row(r0)
+        return block[y0 - r0 * ch : y1 - r0 * ch]
+
+    def _chunk_row(self, r: int) -> np.ndarray:
+        """Rows ``[r * chunk_h, (r + 1) * chunk_h)`` (clipped to the image), decoded."""
+        if self._cache is not None and self._cache[0] == r:
+            return self._cache[1]
+        h, w = self._shape
+        ch, cw = self._chunk_h, self._chunk_w
+        n_cols = self._grid[1]
+        out = np.zeros((min(ch, h - r * ch), w), self.dtype)
+        page, fh = self._page, self._tif.filehandle
+        try:
+            for i in range(r * n_cols, (r + 1) * n_cols):
+                offset, count = page.dataoffsets[i], page.databytecounts[i]
+                if not count:
+                    continue  # missing chunk: zeros, as tifffile fills them
+                fh.seek(offset)
+                seg, index, _ = page.decode(fh.read(count), i, jpegtables=page.jpegtables,
+                                            jpegheader=page.jpegheader)
+                if seg is None:
+                    continue
+                seg = np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2])
+                x0 = (i - r * n_cols) * cw
+                rows, cols = min(seg.shape[0], out.shape[0]), min(seg.shape[1], w - x0)
+                out[:rows, x0 : x0 + cols] = seg[:rows, :cols]
+        except Exception as exc:  # noqa: BLE001 - codec errors come in many types
+            raise ImageReadError(self.path, f"cannot decode rows {r * ch}..{r * ch + out.shape[0]} ({exc})") from exc
+        self._cache = (r, out)
+        return out
+
+    def _close_tif(self) -> None:
+        if self._tif is not None:
+            self._tif.close()
+            self._tif = None
+
+    def close(self) -> None:
+        self._close_tif()
+        self._memmap = None
+        self._cache = None
+
+
+def open_source(path: str | os.PathLike[str], *, gray: bool = True) -> RowSource:
+    """The best :class:`RowSource` for a micrograph file.
+
+    Single-channel TIFFs stream (memory-mapped or chunk by chunk); other files (PNG, JPEG, colour
+    or exotic TIFFs) are read whole with :func:`pretrain.io.read_micrograph` in their native
+    dtype. ``gray`` as in ``read_micrograph`` (False keeps true colour for 3-channel models).
+    Raises :class:`ImageReadError` naming the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            is_tiff = fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    except OSError:
+        is_tiff = False  # read_micrograph gives the precise error
+    if is_tiff and path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            return TiffSource(path)
+        except ImageReadError as exc:
+            logger.debug("%s", exc)  # not streamable: fall through to a whole read
+    mg = read_micrograph(path, gray=gray)
+    return ArraySource(mg.image, path=path, pixel_size_nm=mg.pixel_size_nm)
+
+
+def thumbnail(source: RowSource, max_side: int = 2048, band: int = 1024) -> tuple[np.ndarray, int]:
+    """A float32 [0, 1] preview subsampled by an integer stride so its longest side <= ``max_side``.
+
+    Read band by band (nearest-neighbour subsampling, display only). Returns ``(image, stride)``.
+    """
+    h, w = source.shape
+    stride = max(1, math.ceil(max(h, w) / max_side))
+    band = max(stride, band - band % stride)
+    parts = [to_float(source.rows(y, min(y + band, h))[::stride, ::stride]) for y in range(0, h, band)]
+    return np.concatenate(parts), stride
+
+
+# ----------------------------------------------------------------------------- band geometry
+@dataclass(frozen=True)
+class BandPlan:
+    """How a padded ``H x W`` image is streamed: tile batches (row-major, as ``Predictor``), the
+    accumulator height (``capacity`` rows) and, after each batch, the first row not yet final."""
+
+    padded_hw: tuple[int, int]
+    batches: tuple[tuple[Origin, ...], ...]
+    capacity: int
+    final_after: tuple[int, ...]
+
+
+def plan_bands(image_hw: tuple[int, int], tile_hw: tuple[int, int], step_fraction: float,
+               batch_size: int) -> BandPlan:
+    """Pure geometry of :func:`iter_logit_rows`.
+
+    Tiles come in the order and batches of ``Predictor.predict_logits``. A batch's tiles span
+    rows ``[y_first, y_last + tile_h)``; every row above the next batch's first tile is touched by
+    no later tile (row-major order), so it is final. The accumulators start at that row, so they
+    need ``max(y_last + tile_h - y_first)`` rows: the tile height plus, where a batch crosses into
+    the next tile row, one step.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ph, pw = max(image_hw[0], tile_hw[0]), max(image_hw[1], tile_hw[1])
+    origins = tile_origins((ph, pw), tile_hw, step_fraction)
+    batches = tuple(tuple(origins[i : i + batch_size]) for i in range(0, len(origins), batch_size))
+    capacity = max(b[-1][0] + tile_hw[0] - b[0][0] for b in batches)
+    final_after = tuple(batches[j + 1][0][0] if j + 1 < len(batches) else ph for j in range(len(batches)))
+    return BandPlan((ph, pw), batches, capacity, final_after)
+
+
+# ----------------------------------------------------------------------------- streaming core
+class _InputWindow:
+    """Normalised, width-padded input rows ``[y0, y1)`` on the CPU; extended and trimmed as the
+    tiles move down so each source row is read and normalised once."""
+
+    def __init__(self, predictor: Predictor, source: RowSource, padded_hw: tuple[int, int]) -> None:
+        self.predictor, self.source = predictor, source
+        self.h, self.w = source.shape
+        self.tile_hw = predictor.tile_hw
+        self.y0 = self.y1 = 0
+        self.buf: Tensor | None = None
+        if self.h < self.tile_hw[0]:  # shorter than a tile: pad the whole image once, as Predictor
+            self.buf = _pad_to(self._read(0, self.h, pad=False), self.tile_hw)
+            self.y1 = self.buf.shape[-2]
+
+    def _read(self, a: int, b: int, pad: bool = True) -> Tensor:
+        x = self.predictor.normalize(to_float(self.source.rows(a, b)))
+        return _pad_to(x, (0, self.tile_hw[1])) if pad else x
+
+    def get(self, a: int, b: int) -> Tensor:
+        if not (self.y0 <= a and b <= self.y1):
+            assert self.buf is None or a >= self.y0, "rows are requested top-down"
+            keep = self.buf[:, a - self.y0 :] if self.buf is not None and a < self.y1 else None
+            start = self.y1 if keep is not None else a
+            new = self._read(start, b)
+            self.buf = new if keep is None or keep.shape[-2] == 0 else torch.cat([keep, new], dim=-2)
+            self.y0, self.y1 = a, b
+        return self.buf[:, a - self.y0 : b - self.y0]
+
+
+@torch.inference_mode()
+def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool | None = None,
+                    desc: str = "tiles") -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(y0, logits)`` for consecutive blocks of final rows, top to bottom.
+
+    ``logits`` is float32 ``K x h x W`` on the predictor's device (the blended logits of rows
+    ``y0 .. y0 + h``), identical to the same rows of ``predictor.predict_logits`` of the whole
+    normalised image. Only ``plan.capacity`` rows of accumulators exist at any time.
+    """
+    h, w = source.shape
+    if h < 1 or w < 1:
+        raise ValueError(f"empty image {source.shape}")
+    th, tw = predictor.tile_hw
+    plan = plan_bands((h, w), (th, tw), predictor.step_fraction, predictor.batch_size)
+    cap, pw = plan.capacity, plan.padded_hw[1]
+    device = predictor.device
+    weight = predictor.importance()
+    window = _InputWindow(predictor, source, plan.padded_hw)
+    bufs: list[Tensor] = []
+    weight_bufs = [torch.zeros((1, cap, pw), dtype=torch.float32, device=device) for _ in range(2)]
+    cur = 0
+    lo = 0
+    batches: Any = zip(plan.batches, plan.final_after)
+    show = predictor.progress if progress is None else progress
+    if show:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=len(plan.batches), desc=desc, leave=False, unit="batch")
+    for batch, final in batches:
+        y_first, y_last = batch[0][0], batch[-1][0]
+        band = window.get(y_first, y_last + th)
+        tiles = torch.stack([band[:, y - y_first : y - y_first + th, x : x + tw] for y, x in batch])
+        out = predictor.predict_tiles(tiles)
+        if not bufs:
+            bufs = [torch.zeros((out.shape[1], cap, pw), dtype=torch.float32, device=device) for _ in range(2)]
+        logits_acc, weight_acc = bufs[cur], weight_bufs[cur]
+        accumulate_tiles(logits_acc, weight_acc, out, batch, weight, offset=(lo, 0))
+        d = final - lo
+        if d <= 0:
+            continue
+        block = logits_acc[:, :d] / weight_acc[:, :d]
+        rows = min(d, h - lo)
+        if rows > 0:
+            block = block[:, :rows, :w]
+            if not torch.isfinite(block).all():
+                raise RuntimeError(f"non-finite logits (NaN/inf) from the model in rows {lo}..{lo + rows}")
+            yield lo, block
+        # move the unfinished rows to the top of the other buffer pair
+        nxt = 1 - cur
+        keep = max(cap - d, 0)
+        for src, dst in ((logits_acc, bufs[nxt]), (weight_acc, weight_bufs[nxt])):
+            if keep:
+                dst[:, :keep].copy_(src[:, d : d + keep])
+            dst[:, keep:].zero_()
+        cur, lo = nxt, final
+
+
+def probabilities_uint8(logits: Tensor) -> Tensor:
+    """Softmax over classes (dim 0) as uint8 (``round(255 p)``)."""
+    return torch.softmax(logits, dim=0).mul_(255.0).round_().to(torch.uint8)
+
+
+def predict_stream(
+    predictor: Predictor,
+    source: RowSource | np.ndarray,
+    *,
+    labels_out: np.ndarray | None = None,
+    probs_out: np.ndarray | MutableSequence[Any] | None = None,
+    progress: bool | None = None,
+    desc: str = "tiles",
+) -> np.ndarray:
+    """Argmax labels (uint8 ``H x W``) of a whole micrograph with bounded memory.
+
+    ``source`` is a :class:`RowSource` or an ``H x W`` (``H x W x C``) array in its native dtype
+    (converted with :func:`pretrain.io.to_float`, normalised by the predictor). Labels go into
+    ``labels_out`` (any ``H x W`` uint8 array, e.g. a ``np.memmap``; allocated if None), and, if
+    ``probs_out`` (``K x H x W`` uint8) is given, the softmax probabilities times 255.
+    """
+    if isinstance(source, np.ndarray):
+        source = ArraySource(source)
+    h, w = source.shape
+    if labels_out is None:
+        labels_out = np.empty((h, w), dtype=np.uint8)
+    elif tuple(labels_out.shape) != (h, w):
+        raise ValueError(f"labels_out has shape {labels_out.shape}, the image {(h, w)}")
+    for y0, logits in iter_logit_rows(predictor, source, progress=progress, desc=desc):
+        rows = logits.shape[1]
+        if logits.shape[0] > 256:
+            raise ValueError(f"{logits.shape[0]} classes do not fit uint8 labels")
+        labels_out[y0 : y0 + rows] = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        if probs_out is not None:
+            probs_out[:, y0 : y0 + rows] = probabilities_uint8(logits).cpu().numpy()
+    return labels_out
+
+
+def accumulator_bytes(width: int, num_classes: int, in_chans: int, tile_hw: tuple[int, int],
+                      step_fraction: float, batch_size: int, image_height: int | None = None) -> int:
+    """Bytes of the streaming buffers (accumulators, input window) for an image of this width."""
+    h = image_height if image_height is not None else 100 * tile_hw[0]
+    plan = plan_bands((h, width), tile_hw, step_fraction, batch_size)
+    return 4 * plan.padded_hw[1] * (2 * (num_classes + 1) * plan.capacity + in_chans * plan.capacity)
+
