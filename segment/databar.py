@@ -49,7 +49,7 @@ def row_profile(rows: np.ndarray, level: float, tol: float) -> tuple[np.ndarray,
     return frac, flat
 
 
-def find_databar(frac: np.ndarray, flat: np.ndarray, *, image_rows: int, min_frac: float = 0.3,
+def find_databar(frac: np.ndarray, flat: np.ndarray, *, image_rows: int, min_frac: float = 0.5,
                  min_rows: int = 4, max_fraction: float = 0.4, context: int = 16,
                  max_context_frac: float = 0.1) -> tuple[int, str]:
     """Height of the bar at the end of the row profiles (ordered top to bottom), and why.
@@ -74,7 +74,7 @@ def find_databar(frac: np.ndarray, flat: np.ndarray, *, image_rows: int, min_fra
     return run, f"bar of {run} rows"
 
 
-def detect_databar(image, *, tol: float = 0.02, min_frac: float = 0.3, min_rows: int = 4,
+def detect_databar(image, *, tol: float = 0.01, min_frac: float = 0.5, min_rows: int = 4,
                    max_fraction: float = 0.4, context: int = 16, max_context_frac: float = 0.1,
                    probe_rows: int = 64, band: int = 512) -> DataBar:
     """Find an SEM data bar at the bottom of ``image`` (an array or a ``segment.stream`` row source).

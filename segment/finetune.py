@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -394,6 +395,11 @@ register_configs()
 
 @hydra.main(config_path="../configs", config_name="finetune", version_base="1.3")
 def main(cfg) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    explicit_out = any(o.startswith("out=") for o in HydraConfig.get().overrides.task)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not explicit_out:
+        raise SystemExit("multi-process fine-tuning needs one run folder for all ranks: pass out=RUN_DIR")
     result = train(OmegaConf.to_object(cfg))
     return float(result.get("best", float("nan")))
 

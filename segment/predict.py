@@ -1,0 +1,629 @@
+"""Folders of large micrographs -> class masks, overlays and the numbers materials scientists report.
+
+For every input image: bounded-memory sliding-window segmentation (:mod:`segment.stream`), an
+optional SEM data-bar crop (:mod:`segment.databar`), then phase fractions and particle statistics
+(:mod:`segment.quantify`). An unreadable or failing image is logged and listed; the run goes on
+and exits with status 1 at the end.
+
+Outputs in ``--out DIR`` (``KEY`` is the image's path relative to the inputs' common folder,
+without its suffix; the README written there states every choice and column):
+
+* ``masks/KEY.png`` (``.tif``, deflate, with the pixel size, when the longest side > 4096):
+  uint8 class indices of the analysed area (the data bar cropped off);
+* ``overlays/KEY.png``: class colours over the contrast-stretched image, at most
+  ``--overlay-max-side`` pixels on a side;
+* ``probabilities/KEY.tif`` (``--probs``): ``K x H x W`` uint8 softmax probabilities x 255;
+* ``particles/KEY.csv``: one row per particle;
+* ``summary.csv``: one row per image and class, plus pooled ``ALL`` rows per class;
+* ``images.csv``: per image size, data-bar rows, pixel size and its source, seconds;
+* ``histograms/ecd_CLASS.png``: ECD histograms of the particle classes, all images pooled;
+* ``failures.csv``: images that failed and why.
+
+CLI::
+
+    python -m segment.predict CHECKPOINT INPUTS... --out DIR [--databar auto | --crop-bottom N]
+        [--pixel-size 2.5nm] [--particle-classes secondary,tertiary] [--watershed] [--tta]
+        [--overlap 0.5] [--batch-size 8] [--device cuda] [--probs]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretrain.io import IMAGE_SUFFIXES, list_images, write_tiff
+from segment.checkpoint import atomic_write_text
+from segment.databar import detect_databar
+from segment.infer import Predictor
+from segment.quantify import (
+    PARTICLE_COLUMNS,
+    SUMMARY_COLUMNS,
+    ClassSummary,
+    Scale,
+    parse_pixel_size,
+    pool_summaries,
+    quantify_labels,
+    size_stats,
+)
+from segment.stream import CroppedSource, RowSource, open_source, predict_stream, thumbnail
+
+__all__ = [
+    "PredictOptions",
+    "ImageResult",
+    "RunResult",
+    "expand_inputs",
+    "output_keys",
+    "predict_image",
+    "predict_paths",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+PNG_MAX_SIDE = 4096
+"""Masks with a longer side are written as deflate TIFF (PNG writers and viewers struggle)."""
+
+IMAGE_COLUMNS = ("image", "path", "height", "width", "databar_rows", "analysed_height",
+                 "pixel_size_nm", "pixel_size_source", "seconds", "mask")
+
+
+@dataclass
+class PredictOptions:
+    """What :func:`predict_image` does besides segmenting.
+
+    ``databar``: "off" or "auto" (:func:`segment.databar.detect_databar`); ``crop_bottom``: rows
+    to drop at the bottom instead. ``pixel_size_nm`` overrides the files' metadata when
+    ``pixel_size_override`` is True (None then forces pixel units). ``particle_classes``: class
+    indices measured as particles (None: every class but ``background``).
+    """
+
+    class_names: Sequence[str]
+    colors: Sequence[Sequence[int]]
+    background: int | None = 0
+    particle_classes: Sequence[int] | None = None
+    databar: str = "off"
+    crop_bottom: int = 0
+    pixel_size_nm: float | None = None
+    pixel_size_override: bool = False
+    watershed: bool = False
+    watershed_h: float = 2.0
+    save_probs: bool = False
+    overlays: bool = True
+    overlay_max_side: int = 2048
+    mask_format: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.databar not in ("off", "auto"):
+            raise ValueError(f"databar must be 'off' or 'auto', got {self.databar!r}")
+        if self.crop_bottom < 0:
+            raise ValueError(f"crop_bottom must be >= 0, got {self.crop_bottom}")
+        if self.databar == "auto" and self.crop_bottom:
+            raise ValueError("give either databar='auto' or crop_bottom, not both")
+        if self.mask_format not in ("auto", "png", "tif"):
+            raise ValueError(f"mask_format must be auto, png or tif, got {self.mask_format!r}")
+        if len(self.colors) != len(self.class_names):
+            raise ValueError(f"{len(self.class_names)} class names but {len(self.colors)} colours")
+
+    @property
+    def particle_indices(self) -> list[int]:
+        if self.particle_classes is not None:
+            return sorted(set(int(c) for c in self.particle_classes))
+        return [i for i in range(len(self.class_names)) if i != self.background]
+
+
+@dataclass
+class ImageResult:
+    """One segmented and quantified image."""
+
+    path: Path
+    key: str
+    height: int
+    width: int
+    databar_rows: int
+    pixel_size_nm: float | None
+    pixel_size_source: str
+    seconds: float
+    summaries: list[ClassSummary]
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return dict(image=self.key, path=str(self.path), height=self.height + self.databar_rows,
+                    width=self.width, databar_rows=self.databar_rows, analysed_height=self.height,
+                    pixel_size_nm=self.pixel_size_nm if self.pixel_size_nm is not None else "",
+                    pixel_size_source=self.pixel_size_source, seconds=round(self.seconds, 2),
+                    mask=str(self.outputs.get("mask", "")))
+
+
+@dataclass
+class RunResult:
+    """Everything a folder run produced; ``failures`` holds ``(input, error)`` pairs."""
+
+    out_dir: Path
+    images: list[ImageResult]
+    failures: list[tuple[str, str]]
+    pooled: list[ClassSummary]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+# ----------------------------------------------------------------------------- inputs
+def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files from files, folders (recursive) and glob patterns, in order, without duplicates.
+
+    Returns ``(paths, failures)``: an input that names nothing becomes a failure. A file given by
+    name is kept whatever its suffix (reading it reports the problem); folders and patterns
+    contribute only files with a supported suffix (:data:`pretrain.io.IMAGE_SUFFIXES`).
+    """
+    found: list[Path] = []
+    failures: list[tuple[str, str]] = []
+    for spec in inputs:
+        p = Path(spec)
+        if p.is_dir():
+            files = list_images(p)
+            if not files:
+                failures.append((str(spec), f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder"))
+        elif p.exists():
+            files = [p]
+        else:
+            files = []
+            for m in sorted(glob.glob(str(spec), recursive=True)):
+                mp = Path(m)
+                if mp.is_dir():
+                    files += list_images(mp)
+                elif mp.suffix.lower() in IMAGE_SUFFIXES and not mp.name.startswith("."):
+                    files.append(mp)
+            if not files:
+                failures.append((str(spec), "no such file, folder or matching image"))
+        found += files
+    seen: set[Path] = set()
+    unique = []
+    for f in found:
+        r = f.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append(f)
+    return unique, failures
+
+
+def output_keys(paths: Sequence[Path]) -> dict[Path, str]:
+    """A unique output name per input: the path relative to the inputs' common folder, without
+    suffix (``sub/img``); names that would collide (``a.tif`` and ``a.png``) keep the suffix as
+    ``a_tif``."""
+    if not paths:
+        return {}
+    resolved = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([r.parent for r in resolved]))
+    stems = [r.relative_to(root).with_suffix("").as_posix() for r in resolved]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    keys = {}
+    for p, r, s in zip(paths, resolved, stems):
+        keys[p] = s if counts[s] == 1 else f"{s}_{r.suffix.lstrip('.').lower()}"
+    return keys
+
+
+# ----------------------------------------------------------------------------- writers
+def _atomic_path(final: Path):
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextmanager
+def _atomic_memmap(path: Path, shape: tuple[int, ...], **kwargs: Any) -> Iterator[np.ndarray]:
+    """A uint8 TIFF memory map under a temporary name, renamed to ``path`` only on success."""
+    import tifffile
+
+    tmp = _atomic_path(path)
+    try:
+        mm = tifffile.memmap(tmp, shape=shape, dtype=np.uint8, photometric="minisblack", **kwargs)
+        yield mm
+        mm.flush()
+        del mm
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_png(path: Path, array: np.ndarray) -> Path:
+    from PIL import Image
+
+    tmp = _atomic_path(path)
+    try:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_mask(base: Path, labels: np.ndarray, pixel_size_nm: float | None, fmt: str) -> Path:
+    if fmt == "png" or (fmt == "auto" and max(labels.shape) <= PNG_MAX_SIDE):
+        return _write_png(base.with_name(base.name + ".png"), labels)
+    return write_tiff(base.with_name(base.name + ".tif"), labels, pixel_size_nm=pixel_size_nm)
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return "" if not math.isfinite(v) else f"{float(v):.6g}"
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]] | Iterable[Sequence[Any]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        values = [r.get(c, "") for c in columns] if isinstance(r, Mapping) else list(r)
+        writer.writerow([_fmt(v) for v in values])
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _particle_csv(path: Path, table: Mapping[str, np.ndarray], unit: str) -> Path:
+    names = {"area": f"area_{unit}2", "ecd": f"ecd_{unit}", "perimeter": f"perimeter_{unit}"}
+    columns = [names.get(c, c) for c in PARTICLE_COLUMNS]
+    cols = [table[c] for c in PARTICLE_COLUMNS]
+    return _write_csv(path, columns, zip(*cols))
+
+
+# ----------------------------------------------------------------------------- one image
+def _crop(source: RowSource, options: PredictOptions) -> tuple[RowSource, int]:
+    h = source.shape[0]
+    rows = options.crop_bottom
+    if options.databar == "auto":
+        bar = detect_databar(source)
+        rows = bar.rows
+        logger.info("%s: data bar: %s", source.path, bar.reason)
+    if rows >= h:
+        raise ValueError(f"{source.path}: cropping {rows} bottom rows leaves nothing of {h} rows")
+    return (CroppedSource(source, h - rows) if rows else source), rows
+
+
+def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                  options: PredictOptions, key: str | None = None) -> ImageResult:
+    """Segment, crop, quantify and write the outputs of one image (see the module docstring)."""
+    t0 = time.perf_counter()
+    path, out_dir = Path(path), Path(out_dir)
+    key = key or path.stem
+    outputs: dict[str, Path] = {}
+    with open_source(path, gray=predictor.in_chans == 1) as raw:
+        source, bar_rows = _crop(raw, options)
+        h, w = source.shape
+        if options.pixel_size_override:
+            pixel_size = options.pixel_size_nm
+            ps_source = "option" if pixel_size is not None else "none (--pixel-size px)"
+        else:
+            pixel_size = source.pixel_size_nm
+            ps_source = "metadata" if pixel_size is not None else "none"
+        scale = Scale(pixel_size)
+        names = list(options.class_names)
+
+        with ExitStack() as stack:
+            probs = None
+            if options.save_probs:
+                outputs["probabilities"] = out_dir / "probabilities" / f"{key}.tif"
+                probs = stack.enter_context(_atomic_memmap(
+                    outputs["probabilities"], (len(names), h, w),
+                    metadata={"axes": "CYX", "classes": names, "values": "softmax probability x 255"}))
+            labels = predict_stream(predictor, source, probs_out=probs, progress=options.progress, desc=key)
+        if int(labels.max(initial=0)) >= len(names):
+            raise ValueError(f"the model predicts class {int(labels.max())} but only {len(names)} "
+                             f"class names are known {names}")
+        outputs["mask"] = _write_mask(out_dir / "masks" / key, labels, pixel_size, options.mask_format)
+        if options.overlays:
+            from segment.overlay import contrast_stretch, overlay
+
+            thumb, stride = thumbnail(source, options.overlay_max_side)
+            rgb = overlay(contrast_stretch(thumb), labels[::stride, ::stride], options.colors,
+                          background=options.background)
+            outputs["overlay"] = _write_png(out_dir / "overlays" / f"{key}.png", rgb)
+
+    summaries, table = quantify_labels(labels, names, options.particle_indices, scale=scale,
+                                       watershed=options.watershed, h=options.watershed_h, image=key)
+    del labels
+    outputs["particles"] = _particle_csv(out_dir / "particles" / f"{key}.csv", table, scale.unit)
+    return ImageResult(path=path, key=key, height=h, width=w, databar_rows=bar_rows, pixel_size_nm=pixel_size,
+                       pixel_size_source=ps_source, seconds=time.perf_counter() - t0, summaries=summaries,
+                       outputs=outputs)
+
+
+# ----------------------------------------------------------------------------- folder
+def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os.PathLike[str],
+                  options: PredictOptions, *, failures: Sequence[tuple[str, str]] = (),
+                  settings: Mapping[str, Any] | None = None) -> RunResult:
+    """Run :func:`predict_image` over ``paths``, then write the folder tables, histograms and README.
+
+    A failing image is logged with its path and reason and recorded; the others go on.
+    ``failures`` are earlier ones (inputs that matched nothing) to list with them.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = list(failures)
+    results: list[ImageResult] = []
+    keys = output_keys(paths)
+    items: Iterable[Path] = paths
+    if options.progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(paths, desc="images", unit="img")
+    for path in items:
+        try:
+            results.append(predict_image(predictor, path, out_dir, options, key=keys[path]))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
+            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            logger.error("failed: %s (%s)", message, type(exc).__name__)
+            logger.debug("traceback for %s", path, exc_info=True)
+            failed.append((str(path), f"{type(exc).__name__}: {exc}"))
+
+    summaries = [s for r in results for s in r.summaries]
+    pooled = pool_summaries(summaries) if summaries else []
+    _write_csv(out_dir / "summary.csv", SUMMARY_COLUMNS, [s.row() for s in (*summaries, *pooled)])
+    _write_csv(out_dir / "images.csv", IMAGE_COLUMNS, [r.row() for r in results])
+    _write_csv(out_dir / "failures.csv", ("input", "error"), failed)
+    for s in pooled:
+        if s.particles:
+            _histogram(out_dir / "histograms", s, tag=s.image.replace("ALL", "").strip(" []"))
+    atomic_write_text(out_dir / "README.md", _readme(options, results, failed, settings or {}))
+    if failed:
+        logger.error("%d of %d input(s) failed (listed in %s):\n%s", len(failed), len(paths) + len(failures),
+                     out_dir / "failures.csv", "\n".join(f"  {p}: {e}" for p, e in failed))
+    return RunResult(out_dir=out_dir, images=results, failures=failed, pooled=pooled)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _histogram(folder: Path, s: ClassSummary, tag: str = "") -> Path | None:
+    """ECD histogram of the pooled border-free particles of one class, D10/D50/D90 marked."""
+    ecd = s.ecd_interior
+    if ecd.size == 0:
+        logger.info("no border-free %s particles: no histogram", s.name)
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    stats = size_stats(ecd)
+    fig = Figure(figsize=(6.0, 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.hist(ecd, bins=min(60, max(5, int(np.sqrt(ecd.size)))), color="0.55", edgecolor="0.3")
+    for q, style in (("d10", ":"), ("d50", "--"), ("d90", ":")):
+        ax.axvline(stats[f"ecd_{q}"], color="C3", linestyle=style, label=f"{q.upper()} {stats[f'ecd_{q}']:.4g}")
+    ax.set_xlabel(f"equivalent circle diameter ({s.unit})")
+    ax.set_ylabel("particles")
+    ax.set_title(f"{s.name}: {ecd.size} particles ({s.count_border} touching the border excluded)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / f"ecd_{_safe(s.name)}{'_' + tag if tag else ''}.png"
+    tmp = _atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Sequence[tuple[str, str]],
+            settings: Mapping[str, Any]) -> str:
+    names = list(options.class_names)
+    particles = [names[i] for i in options.particle_indices]
+    phases = [n for i, n in enumerate(names) if i not in options.particle_indices]
+    crop = ("automatic data-bar detection (segment.databar)" if options.databar == "auto"
+            else f"{options.crop_bottom} bottom rows cropped" if options.crop_bottom else "none")
+    units = ("given with --pixel-size" if options.pixel_size_override and options.pixel_size_nm
+             else "pixels forced with --pixel-size px" if options.pixel_size_override
+             else "from each file's metadata (TIFF resolution / SEM vendor tags); pixels when absent")
+    lines = [
+        "# segment.predict output",
+        "",
+        f"{len(results)} image(s) segmented, {len(failed)} failed (failures.csv).",
+        "",
+        "## Settings",
+        *[f"- {k}: {v}" for k, v in settings.items()],
+        f"- classes: {', '.join(f'{i} {n}' for i, n in enumerate(names))}",
+        f"- particle classes: {', '.join(particles) or 'none'}; phase classes (area fraction only): "
+        f"{', '.join(phases) or 'none'}",
+        f"- data bar: {crop}; masks, statistics and areas cover the analysed rows only",
+        f"- pixel size: {units}",
+        f"- touching particles: {'split by a distance-transform watershed, h = %g px' % options.watershed_h if options.watershed else 'not split (8-connected components)'}",
+        "",
+        "## Choices",
+        "- Area fraction: pixels of the class / analysed pixels, border particles included.",
+        "- Particles touching the image border (or the data-bar crop line) are cut: they are EXCLUDED from",
+        "  every size statistic (ecd_*, area_mean) and counted separately in count_border.",
+        "- number_density uses Gundersen's counting rule: particles touching the bottom or right border are",
+        "  not counted, particles touching only the top or left border are, over the analysed area; per um^2",
+        "  when the pixel size is known (density_unit 1/um^2), else per 10^6 px^2 (1/Mpx).",
+        "- ECD = sqrt(4 area / pi); D10/D50/D90 are number-weighted percentiles of the ECD (D50 = median).",
+        "- Perimeter: Crofton estimate (scikit-image perimeter_crofton). Aspect ratio: major / minor axis of the",
+        "  ellipse with the same second moments (empty for one-pixel-thin particles).",
+        "- Lengths are in nm and areas in nm^2 when the pixel size is known, else in px and px^2; the `unit`",
+        "  column (summary.csv) and the column names (particles/*.csv) say which. Centroids are in pixels.",
+        "",
+        "## Files",
+        "- masks/KEY.png|.tif: uint8 class indices (lossless); overlays/KEY.png: preview (downsampled);",
+        "  probabilities/KEY.tif (--probs): K x H x W uint8, softmax x 255, classes in order.",
+        "- particles/KEY.csv: particle, class, area, ecd, perimeter, aspect_ratio, centroid_y_px, centroid_x_px,",
+        "  touches_border (1 = cut by the border, excluded from size statistics).",
+        "- summary.csv: one row per image and class; rows with image ALL pool all images (ALL [nm] / ALL [px]",
+        "  when only some images have a pixel size). kind = particles or phase.",
+        "- images.csv: size, data-bar rows, pixel size and its source per image.",
+        "- histograms/ecd_CLASS.png: pooled ECD histogram of the border-free particles of each particle class.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_particle_classes(text: str, class_names: Sequence[str]) -> list[int]:
+    """``"secondary,tertiary"`` or ``"1,2"`` (or ``"none"``) -> class indices."""
+    text = text.strip()
+    if text.lower() in ("", "none"):
+        return []
+    lower = {n.lower(): i for i, n in enumerate(class_names)}
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.lower() in lower:
+            out.append(lower[part.lower()])
+        elif part.isdigit() and int(part) < len(class_names):
+            out.append(int(part))
+        else:
+            raise ValueError(f"--particle-classes: unknown class {part!r}; classes: "
+                             f"{', '.join(f'{i}={n}' for i, n in enumerate(class_names))}")
+    return sorted(set(out))
+
+
+def _pixel_size_arg(text: str) -> str:
+    try:
+        parse_pixel_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m segment.predict",
+        description="Segment folders of (large) micrographs and quantify phases and particles.")
+    p.add_argument("checkpoint", help="checkpoint folder (model.safetensors + model.json) or run folder")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    g = p.add_argument_group("inference")
+    g.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction (default 0.5)")
+    g.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    g.add_argument("--tile-size", type=int, default=None, help="tile edge (default: the checkpoint's)")
+    g.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype on the device")
+    g.add_argument("--probs", action="store_true", help="also write uint8 probability maps")
+    c = p.add_argument_group("cropping and units").add_mutually_exclusive_group()
+    c.add_argument("--databar", choices=["off", "auto"], default="off",
+                   help="'auto': detect and crop an SEM data bar at the bottom")
+    c.add_argument("--crop-bottom", type=int, default=0, metavar="N", help="crop N rows at the bottom")
+    p.add_argument("--pixel-size", type=_pixel_size_arg, default=None, metavar="SIZE",
+                   help="pixel size for every image, e.g. 2.5nm, 0.01um, 4µm, or px to force pixel units "
+                        "(default: from the file metadata, else pixels)")
+    q = p.add_argument_group("quantification")
+    q.add_argument("--particle-classes", default=None, metavar="NAMES",
+                   help="comma-separated class names or indices measured as particles "
+                        "(default: every class but the background; 'none' for phases only)")
+    q.add_argument("--watershed", action="store_true", help="split touching particles (distance-transform watershed)")
+    q.add_argument("--watershed-h", type=float, default=2.0, metavar="PX",
+                   help="minimum depth (pixels) of a distance-transform saddle that splits particles (default 2)")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--mask-format", choices=["auto", "png", "tif"], default="auto",
+                   help=f"mask file format (auto: PNG up to {PNG_MAX_SIDE} px on the longest side, else TIFF)")
+    o.add_argument("--overlay-max-side", type=int, default=2048, help="longest side of overlay PNGs")
+    o.add_argument("--no-overlays", action="store_true", help="write no overlay PNGs")
+    o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _class_info(meta: Mapping[str, Any], num_classes: int | None) -> tuple[list[str], list[list[int]], int | None]:
+    from segment.data import get_class_map
+
+    names = list(meta.get("class_names") or [])
+    background: int | None = 0
+    if meta.get("class_map"):
+        try:
+            cm = get_class_map(meta["class_map"])
+            names = names or list(cm.names)
+            background = cm.default if cm.default is not None else 0
+        except (ValueError, TypeError) as exc:
+            logger.warning("checkpoint class map unusable (%s); class 0 is the background", exc)
+    if not names:
+        n = num_classes or int(meta.get("model_kwargs", {}).get("num_classes", 0))
+        names = [f"class{i}" for i in range(n)]
+    colors = meta.get("colors")
+    if not colors or len(colors) != len(names):
+        from matplotlib import colormaps
+
+        tab = colormaps["tab10"].colors
+        colors = [[int(round(255 * v)) for v in tab[i % len(tab)]] for i in range(len(names))]
+    return names, [[int(v) for v in c] for c in colors], background
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; exit status 1 if any input failed."""
+    import torch
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
+    settings: dict[str, Any] = dict(overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
+                                    device=device, amp_dtype=amp, progress=False)
+    if args.tile_size:
+        settings["tile_size"] = args.tile_size
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, **settings)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise SystemExit(f"cannot load checkpoint {args.checkpoint}: {exc}") from None
+    names, colors, background = _class_info(predictor.meta, None)
+    try:
+        particle = None if args.particle_classes is None else parse_particle_classes(args.particle_classes, names)
+        options = PredictOptions(
+            class_names=names, colors=colors, background=background, particle_classes=particle,
+            databar=args.databar, crop_bottom=args.crop_bottom,
+            pixel_size_nm=parse_pixel_size(args.pixel_size) if args.pixel_size else None,
+            pixel_size_override=args.pixel_size is not None, watershed=args.watershed,
+            watershed_h=args.watershed_h, save_probs=args.probs, overlays=not args.no_overlays,
+            overlay_max_side=args.overlay_max_side, mask_format=args.mask_format,
+            progress=not args.no_progress)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    paths, failures = expand_inputs(args.inputs)
+    if not paths:
+        for spec, why in failures:
+            logger.error("%s: %s", spec, why)
+        raise SystemExit("no images to process")
+    logger.info("%d image(s); model %s, tile %s, overlap %.2f, tta %s, device %s", len(paths),
+                predictor.meta.get("model", "?"), predictor.tile_hw, predictor.overlap, predictor.tta, device)
+    readme_settings = {
+        "checkpoint": args.checkpoint, "model": predictor.meta.get("model", "?"),
+        "tile": "x".join(map(str, predictor.tile_hw)), "overlap": predictor.overlap,
+        "gaussian blending": predictor.gaussian, "tta": predictor.tta, "batch size": predictor.batch_size,
+        "device": device, "amp": args.amp or "off",
+    }
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        result = predict_paths(predictor, paths, args.out, options, failures=failures, settings=readme_settings)
+    logger.info("wrote %s: %d image(s), %d failure(s)", args.out, len(result.images), len(result.failures))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
