@@ -50,6 +50,7 @@ mseg_check_run_dir() {
 
 # Split "$@" into the Hydra overrides (all but out=) and the value of out= (last one wins).
 # Sets the globals MSEG_OVERRIDES (array) and MSEG_OUT (string, empty when no out= was given).
+# shellcheck disable=SC2034  # the globals are this function's result, read by the caller
 mseg_split_out() {
     MSEG_OVERRIDES=()
     MSEG_OUT=

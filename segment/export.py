@@ -156,7 +156,8 @@ def _compare(outputs: Sequence[np.ndarray], refs: Sequence[np.ndarray],
 
 
 # ----------------------------------------------------------------------------- ONNX
-def check_onnx(path: str | os.PathLike[str], model: nn.Module, inputs: Sequence[Tensor]) -> list[tuple[tuple[int, ...], float]]:
+def check_onnx(path: str | os.PathLike[str], model: nn.Module,
+               inputs: Sequence[Tensor]) -> list[tuple[tuple[int, ...], float]]:
     """Run the ONNX file with onnxruntime (CPU) and return ``(input shape, max |onnx - torch|)``
     per input; raises if onnxruntime fails on an input."""
     import onnxruntime as ort

@@ -443,6 +443,8 @@ def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Seq
     units = ("given with --pixel-size" if options.pixel_size_override and options.pixel_size_nm
              else "pixels forced with --pixel-size px" if options.pixel_size_override
              else "from each file's metadata (TIFF resolution / SEM vendor tags); pixels when absent")
+    split = (f"split by a distance-transform watershed (h = {options.watershed_h:g} px)" if options.watershed
+             else "not split (8-connected components)")
     lines = [
         "# segment.predict output",
         "",
@@ -455,7 +457,7 @@ def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Seq
         f"{', '.join(phases) or 'none'}",
         f"- data bar: {crop}; masks, statistics and areas cover the analysed rows only",
         f"- pixel size: {units}",
-        f"- touching particles: {'split by a distance-transform watershed, h = %g px' % options.watershed_h if options.watershed else 'not split (8-connected components)'}",
+        f"- touching particles: {split}",
         "",
         "## Choices",
         "- Area fraction: pixels of the class / analysed pixels, border particles included.",

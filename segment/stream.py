@@ -6,8 +6,9 @@ the same tiles, in the same row-major order and batches, are summed into accumul
 only the rows a tile still to come can touch: tile batches advance down the image, and every row
 above the next tile's top edge is final, so it is divided by its summed weights, turned into
 labels (and optional uint8 probabilities), handed out, and its accumulator rows are reused.
-Peak memory is ``~(K + 1 + C) x (tile + step) x W`` floats plus the label map, so it grows with
-the image width, not its area. The result equals ``Predictor.predict_logits`` (same tiles, same
+Peak memory is about ``(K + 1 + C) x (tile + step) x W`` floats (logit and weight
+accumulators, the input window; :func:`accumulator_bytes`) plus the uint8 label map, so the
+float state grows with the image width, not its area. The result equals ``Predictor.predict_logits`` (same tiles, same
 order of summation, same batches).
 
 Inputs are read row by row through a :class:`RowSource`: an uncompressed TIFF is memory-mapped,
@@ -318,7 +319,7 @@ class _InputWindow:
     """Normalised, width-padded input rows ``[y0, y1)`` on the CPU; extended and trimmed as the
     tiles move down so each source row is read and normalised once."""
 
-    def __init__(self, predictor: Predictor, source: RowSource, padded_hw: tuple[int, int]) -> None:
+    def __init__(self, predictor: Predictor, source: RowSource) -> None:
         self.predictor, self.source = predictor, source
         self.h, self.w = source.shape
         self.tile_hw = predictor.tile_hw
@@ -360,10 +361,9 @@ def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool |
     cap, pw = plan.capacity, plan.padded_hw[1]
     device = predictor.device
     weight = predictor.importance()
-    window = _InputWindow(predictor, source, plan.padded_hw)
-    bufs: list[Tensor] = []
-    weight_bufs = [torch.zeros((1, cap, pw), dtype=torch.float32, device=device) for _ in range(2)]
-    cur = 0
+    window = _InputWindow(predictor, source)
+    logits_acc: Tensor | None = None
+    weight_acc = torch.zeros((1, cap, pw), dtype=torch.float32, device=device)
     lo = 0
     batches: Any = zip(plan.batches, plan.final_after)
     show = predictor.progress if progress is None else progress
@@ -376,28 +376,36 @@ def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool |
         band = window.get(y_first, y_last + th)
         tiles = torch.stack([band[:, y - y_first : y - y_first + th, x : x + tw] for y, x in batch])
         out = predictor.predict_tiles(tiles)
-        if not bufs:
-            bufs = [torch.zeros((out.shape[1], cap, pw), dtype=torch.float32, device=device) for _ in range(2)]
-        logits_acc, weight_acc = bufs[cur], weight_bufs[cur]
+        if logits_acc is None:
+            logits_acc = torch.zeros((out.shape[1], cap, pw), dtype=torch.float32, device=device)
         accumulate_tiles(logits_acc, weight_acc, out, batch, weight, offset=(lo, 0))
         d = final - lo
         if d <= 0:
             continue
-        block = logits_acc[:, :d] / weight_acc[:, :d]
         rows = min(d, h - lo)
         if rows > 0:
-            block = block[:, :rows, :w]
+            block = logits_acc[:, :rows, :w] / weight_acc[:, :rows, :w]
             if not torch.isfinite(block).all():
                 raise RuntimeError(f"non-finite logits (NaN/inf) from the model in rows {lo}..{lo + rows}")
             yield lo, block
-        # move the unfinished rows to the top of the other buffer pair
-        nxt = 1 - cur
-        keep = max(cap - d, 0)
-        for src, dst in ((logits_acc, bufs[nxt]), (weight_acc, weight_bufs[nxt])):
-            if keep:
-                dst[:, :keep].copy_(src[:, d : d + keep])
-            dst[:, keep:].zero_()
-        cur, lo = nxt, final
+        _shift_up(logits_acc, d)
+        _shift_up(weight_acc, d)
+        lo = final
+
+
+def _shift_up(acc: Tensor, d: int) -> None:
+    """Move rows ``d:`` of a ``C x R x W`` accumulator to the top and zero the rest, in place.
+
+    Copied channel by channel in chunks of at most ``d`` rows, top down, so that no chunk's
+    source and destination overlap and no second buffer is needed.
+    """
+    rows = acc.shape[1]
+    keep = max(rows - d, 0)
+    for channel in acc:
+        for i in range(0, keep, d):
+            n = min(d, keep - i)
+            channel[i : i + n].copy_(channel[i + d : i + d + n])
+    acc[:, keep:].zero_()
 
 
 def probabilities_uint8(logits: Tensor) -> Tensor:
@@ -438,10 +446,10 @@ def predict_stream(
     return labels_out
 
 
-def accumulator_bytes(width: int, num_classes: int, in_chans: int, tile_hw: tuple[int, int],
-                      step_fraction: float, batch_size: int, image_height: int | None = None) -> int:
-    """Bytes of the streaming buffers (accumulators, input window) for an image of this width."""
-    h = image_height if image_height is not None else 100 * tile_hw[0]
-    plan = plan_bands((h, width), tile_hw, step_fraction, batch_size)
-    return 4 * plan.padded_hw[1] * (2 * (num_classes + 1) * plan.capacity + in_chans * plan.capacity)
+def accumulator_bytes(image_hw: tuple[int, int], num_classes: int, in_chans: int, tile_hw: tuple[int, int],
+                      step_fraction: float, batch_size: int) -> int:
+    """Bytes of the float buffers :func:`iter_logit_rows` holds for an image of this size (logit
+    and weight accumulators, the input window); the model's activations come on top."""
+    plan = plan_bands(image_hw, tile_hw, step_fraction, batch_size)
+    return 4 * plan.padded_hw[1] * plan.capacity * (num_classes + 1 + in_chans)
 

@@ -103,9 +103,15 @@ def test_watershed_splits_two_touching_discs():
     assert split.dtype == np.int32 and ((split > 0) == mask).all()
     sizes = np.bincount(split.ravel())[1:]
     assert abs(int(sizes[0]) - int(sizes[1])) < 0.05 * sizes.sum()
-    # a single disc and a thin line stay whole
+    # a single disc, a shallow-necked pair, an elongated ellipse and a thin line stay whole
     one = discs((80, 80), [(40, 40, 18, 1)]) == 1
     assert label_particles(one, watershed=True)[1] == 1
+    peanut = discs((80, 100), [(40, 45, 15, 1), (40, 53, 15, 1)]) == 1  # neck only ~0.5 px narrower
+    assert label_particles(peanut, watershed=True)[1] == 1
+    long = np.zeros((60, 120), bool)
+    rr, cc = ellipse(30, 60, 8, 40, shape=long.shape)
+    long[rr, cc] = True
+    assert label_particles(long, watershed=True)[1] == 1
     thin = np.zeros((20, 40), bool)
     thin[10, 5:35] = True
     assert label_particles(thin, watershed=True)[1] == 1

@@ -10,6 +10,7 @@ from segment.infer import Predictor, compute_steps
 from segment.stream import (
     ArraySource,
     CroppedSource,
+    accumulator_bytes,
     TiffSource,
     iter_logit_rows,
     open_source,
@@ -63,6 +64,10 @@ def test_plan_bands_bounded_and_final(hw, batch):
 def test_accumulator_height_does_not_grow_with_image_height():
     caps = {h: plan_bands((h, 300), (64, 64), 0.5, 4).capacity for h in (200, 2000, 20000)}
     assert max(caps.values()) <= 64 + 32  # one tile plus at most one step, whatever the height
+    # 10k x 10k, 3 classes, 256 tiles: tens of MB of float state instead of 1.2 GB for K x H x W
+    small = accumulator_bytes((10_000, 10_000), 3, 1, (256, 256), 0.5, 8)
+    assert small < 0.08 * 3 * 10_000 * 10_000 * 4
+    assert accumulator_bytes((40_000, 10_000), 3, 1, (256, 256), 0.5, 8) <= small * 1.01
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -173,11 +178,11 @@ def test_open_source_falls_back_for_png_and_colour(tmp_path, u16_image):
     with open_source(tmp_path / "a.png") as src:
         assert isinstance(src, ArraySource)
         np.testing.assert_array_equal(src.rows(0, 203), u16_image)
-    with open_source(tmp_path / "rgb.tif") as src:
-        assert isinstance(src, ArraySource)
-        with pytest.warns(UserWarning):
-            expected = read_micrograph(tmp_path / "rgb.tif").image
-        np.testing.assert_array_equal(src.rows(0, 40), expected)
+    with pytest.warns(UserWarning, match="luminance"):
+        src = open_source(tmp_path / "rgb.tif")  # colour: read whole, converted like read_micrograph
+        expected = read_micrograph(tmp_path / "rgb.tif").image
+    assert isinstance(src, ArraySource)
+    np.testing.assert_array_equal(src.rows(0, 40), expected)
 
 
 def test_cropped_source_and_thumbnail(u16_image):
