@@ -528,11 +528,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype on the device")
     g.add_argument("--probs", action="store_true", help="also write uint8 probability maps")
-    c = p.add_argument_group("cropping and units").add_mutually_exclusive_group()
+    units = p.add_argument_group("cropping and units")
+    c = units.add_mutually_exclusive_group()
     c.add_argument("--databar", choices=["off", "auto"], default="off",
                    help="'auto': detect and crop an SEM data bar at the bottom")
     c.add_argument("--crop-bottom", type=int, default=0, metavar="N", help="crop N rows at the bottom")
-    p.add_argument("--pixel-size", type=_pixel_size_arg, default=None, metavar="SIZE",
+    units.add_argument("--pixel-size", type=_pixel_size_arg, default=None, metavar="SIZE",
                    help="pixel size for every image, e.g. 2.5nm, 0.01um, 4µm, or px to force pixel units "
                         "(default: from the file metadata, else pixels)")
     q = p.add_argument_group("quantification")

@@ -48,9 +48,11 @@ def record(name, **extra):
 '''
 
 STUBS = {
-    # srun: run the command once per node, SLURM_NODEID=i, output in --output with %n -> i.
+    # srun: run the command once per node, SLURM_NODEID=i, output in --output with %n -> i; with
+    # STUB_WAIT_PORT the other nodes start once node 0 listens there (all "nodes" share this host, so
+    # node 0 must be the one hosting the rendezvous); --kill-on-bad-exit=1 ends the others on a failure.
     "srun": '''
-import re, subprocess
+import subprocess
 record("srun.jsonl")
 args = sys.argv[1:]
 opts = {}
@@ -66,8 +68,27 @@ for i in range(n):
                SLURMD_NODENAME=hosts[i % len(hosts)])
     out = opts.get("--output")
     fh = open(out.replace("%n", str(i)), "a") if out else None
+    if i and os.environ.get("STUB_WAIT_PORT"):
+        import socket
+        t0 = time.time()
+        while time.time() - t0 < 120 and all(p.poll() is None for p in procs):
+            try:
+                socket.create_connection(("localhost", int(os.environ["STUB_WAIT_PORT"])), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
     procs.append(subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT if fh else None))
-rc = max(p.wait() for p in procs)
+rcs = {}
+while len(rcs) < n:
+    for i, p in enumerate(procs):
+        if i not in rcs and p.poll() is not None:
+            rcs[i] = p.returncode
+            if p.returncode and opts.get("--kill-on-bad-exit") == "1":
+                for q in procs:
+                    if q.poll() is None:
+                        q.terminate()
+    time.sleep(0.05)
+rc = max(rcs.values())
 record("srun_exit.jsonl", rc=rc)
 sys.exit(rc)
 ''',
@@ -540,3 +561,118 @@ def test_collect_runs_outside_a_grid(tmp_path):
     assert missing == [] and len(rows) == 1
     assert {k: rows[0][k] for k in ("model", "weights", "data", "seed", "run")} == \
         {"model": "cs_unet", "weights": "swin:export", "data": "Super1", "seed": 3, "run": "runs/a"}
+
+
+# ------------------------------------------------------- real pretraining through the launchers
+# The smallest pretraining pretrain/main.py offers: the test ResNet, SimCLR, 64 px synthetic corpus of
+# 8 images in 4 shards (>= ranks x workers), no k-NN probe, no TensorBoard; the flag is polled every step.
+TINY_PRETRAIN = [
+    "pretrain/encoder=resnet_test", "pretrain/method=simclr", "optim.batch_size=4", "optim.steps_per_epoch=4",
+    "data.synthetic.n_per_kind=4", "data.synthetic.size=64", "data.synthetic.shard_size=2", "data.num_workers=0",
+    "knn.every=0", "log.tensorboard=false", "log.progress=false", "log.every=1", "checkpoint.poll_every=1",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    """Steps of the complete checkpoints (weights, optimizer and the trainer state all written)."""
+    steps = []
+    for d in sorted((run / "checkpoints").glob("step_*")):
+        if all((d / f).is_file() for f in ("trainer_state.json", "model.safetensors", "optimizer.bin")):
+            steps.append(json.loads((d / "trainer_state.json").read_text())["step"])
+    return steps
+
+
+def metric_steps(run: Path) -> list[int]:
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [int(float(r["step"])) for r in csv.DictReader(f) if r.get("loss")]
+
+
+def rank_record(run: Path, rank: int) -> dict:
+    return json.loads((run / "ranks" / f"rank_{rank}.json").read_text())
+
+
+@pytest.mark.slow
+def test_real_two_node_pretraining_preempted_requeued_and_resumed(tmp_path, stubs):
+    """pretrain.sbatch on 2 simulated nodes x 1 CPU process: real `accelerate launch` per node, c10d
+    rendezvous on the head; USR1 -> flag -> checkpoint on both ranks -> exit 0 -> requeue; the requeued
+    start resumes from the saved step in the same folder."""
+    (stubs[0] / "accelerate").unlink()
+    (stubs[0] / "python").unlink()
+    port = free_port()
+    env = slurm_env(tmp_path, stubs, 2, 1, "localhost,localhost", MSEG_VENV=REPO / ".venv",
+                    ACCEL_CONFIG="multi_node", ACCELERATE_USE_CPU="true", GPUS_PER_NODE=1,
+                    SLURM_CPUS_PER_TASK=1, MASTER_PORT=port, STUB_WAIT_PORT=port)
+    run = tmp_path / "runs" / "pretrain" / f"slurm-{JOB_ID}"
+    args = [*TINY_PRETRAIN, "optim.epochs=10", "checkpoint.every=100", "stop_at_step=12"]
+
+    p = start_batch(PRETRAIN, args, env)
+    try:
+        wait_for(lambda: metric_steps(run) or p.poll() is not None, timeout=150, what="the first training step")
+        assert p.poll() is None, "the training ended before it could be pre-empted"
+        p.send_signal(signal.SIGUSR1)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    logs = "".join(f.read_text() for f in sorted((run / "logs").glob("node_*.log")))
+    assert p.returncode == 0, err + logs
+    saved = checkpoint_steps(run)
+    assert len(saved) == 1 and 1 <= saved[0] < 12, (saved, logs)
+    stop = saved[0]
+    for rank in (0, 1):
+        rec = rank_record(run, rank)
+        assert (rec["world_size"], rec["start_step"], rec["step"]) == (2, 0, stop)
+    assert rank_record(run, 0)["student_checksum"] == rank_record(run, 1)["student_checksum"]
+    assert max(metric_steps(run)) == stop
+    assert not (run / "export").exists(), "a pre-empted run does not export"
+    assert not (run / "PREEMPT").exists(), "the training removes the flag after its checkpoint"
+    assert "SIGUSR1" in err and "pre-empted" in logs
+    assert [r["argv"] for r in requeues(stubs[1])] == [["requeue", str(JOB_ID)]]
+
+    # the requeued job: same job id, restart count 1, same command
+    r = run_sbatch(PRETRAIN, args, dict(env, SLURM_RESTART_COUNT="1"), timeout=240)
+    logs = "".join(f.read_text() for f in sorted((run / "logs").glob("node_*.log")))
+    assert r.returncode == 0, r.stderr + logs
+    for rank in (0, 1):
+        rec = rank_record(run, rank)
+        assert (rec["world_size"], rec["start_step"], rec["step"]) == (2, stop, 12)
+    assert checkpoint_steps(run) == [stop, 12]
+    assert metric_steps(run) == list(range(1, 13)), "one metrics row per step, continued after the resume"
+    assert (run / "export" / "encoder.safetensors").is_file()
+    assert len(requeues(stubs[1])) == 1
+    assert "restart 1" in (run / "launch.log").read_text()
+
+
+@pytest.mark.slow
+def test_real_local_two_cpu_processes_export_encoder(tmp_path, stubs):
+    """launch/local.sh --cpu 2 -> ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2:
+    two ranks train and the export loads with segment.weights.read_checkpoint."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MSEG", "ACCEL", "MASTER_PORT"))}
+    env.update(MSEG_VENV=str(REPO / ".venv"), MSEG_ENV_LOCAL=str(tmp_path / "none"), OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    r = subprocess.run([str(LOCAL), "--cpu", "2", f"out={run}", *TINY_PRETRAIN, "optim.epochs=1",
+                        "checkpoint.every=2"], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    for rank in (0, 1):
+        rec = rank_record(run, rank)
+        assert (rec["world_size"], rec["step"]) == (2, 4)
+    assert rank_record(run, 0)["shards_read"] != rank_record(run, 1)["shards_read"], "each rank reads its shards"
+    assert checkpoint_steps(run) == [2, 4]
+    from segment.weights import read_checkpoint
+
+    state, meta = read_checkpoint(run / "export")
+    assert (run / "export" / "encoder.json").is_file() and state
+    assert meta["method"] == "simclr" and meta["steps"] == 4
+    assert "local: 2 process(es)" in (run / "launch.log").read_text()
