@@ -33,6 +33,9 @@ mseg_die() {
 # so the run folder keeps the name the user gave.
 mseg_abspath() {
     local p=$1
+    # a literal ~ that the calling shell did not expand (e.g. out=~/runs/x)
+    # shellcheck disable=SC2088
+    [[ $p == "~" || $p == "~/"* ]] && p=$HOME${p:1}
     [[ $p == /* ]] || p=$PWD/$p
     while [[ $p == */./* ]]; do p=${p//\/.\//\/}; done
     p=${p%/.}
@@ -215,7 +218,9 @@ mseg_run_preemptible() {
         fi
         break
     done
-    trap - USR1 TERM
+    # From here a late USR1 must not kill the shell before it requeues (USR1's default action).
+    trap '' USR1
+    trap - TERM
     local requeued=0
     if [[ -n $MSEG_WATCHDOG ]]; then
         if kill -0 "$MSEG_WATCHDOG" 2>/dev/null; then

@@ -361,7 +361,18 @@ def make_train_loader(cfg: PretrainConfig, urls: Sequence[str], views, *, start_
         views=views, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
         seed=_seed_for(cfg.seed, start_step), with_labels=with_labels, rank=rank, world_size=world_size,
         max_side=cfg.data.max_side, pin_memory=torch.cuda.is_available(),
+        **({"worker_init_fn": _ignore_preemption_signals} if cfg.data.num_workers > 0 else {}),
     )
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGUSR1: SLURM signals every process of the job, and a
+    worker killed by it would crash the main process before it can write its checkpoint. Workers
+    still exit with the main process."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _batches(loader) -> Iterator[Any]:
@@ -594,133 +605,140 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     end = min(total, cfg.stop_at_step) if cfg.stop_at_step else total
     run_meta = {"config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), "data": data_desc}
 
-    views = build_views(cfg, method_name)
-    loader = make_train_loader(cfg, urls, views, start_step=start, with_labels=method.requires_labels,
-                               rank=rank, world_size=world)
-    probe = build_probe(cfg, out, accelerator)
-    metrics = MetricsLog(out, enabled=main_proc, tensorboard=cfg.log.tensorboard, start_step=start)
+    metrics = bar = None
+    try:
+        views = build_views(cfg, method_name)
+        loader = make_train_loader(cfg, urls, views, start_step=start, with_labels=method.requires_labels,
+                                   rank=rank, world_size=world)
+        probe = build_probe(cfg, out, accelerator)
+        metrics = MetricsLog(out, enabled=main_proc, tensorboard=cfg.log.tensorboard, start_step=start)
 
-    def run_probe(step: int) -> float | None:
-        result = None
-        with _readable(method.teacher_backbone()) as backbone:
-            if probe is not None:
-                t0 = time.monotonic()
-                result = probe(backbone, accelerator.device)["knn_top1"]
-                log.info("step %d: k-NN top-1 %.3f on %s (%.1f s)", step, result, "/".join(probe.classes),
-                         time.monotonic() - t0)
-                metrics.log(step, {"knn_top1": result}, prefix="knn")
-        accelerator.wait_for_everyone()
-        return result
+        def run_probe(step: int) -> float | None:
+            result = None
+            with _readable(method.teacher_backbone()) as backbone:
+                if probe is not None:
+                    t0 = time.monotonic()
+                    result = probe(backbone, accelerator.device)["knn_top1"]
+                    log.info("step %d: k-NN top-1 %.3f on %s (%.1f s)", step, result, "/".join(probe.classes),
+                             time.monotonic() - t0)
+                    metrics.log(step, {"knn_top1": result}, prefix="knn")
+            accelerator.wait_for_everyone()
+            return result
 
-    knn_init = run_probe(0) if cfg.knn.every and start == 0 else None
-    if knn_init is None and metrics.rows:
-        knn_init = next((float(r["knn_top1"]) for r in metrics.rows if r.get("knn_top1") not in (None, "")), None)
+        knn_init = run_probe(0) if cfg.knn.every and start == 0 else None
+        if knn_init is None and metrics.rows:
+            knn_init = next((float(r["knn_top1"]) for r in metrics.rows if r.get("knn_top1") not in (None, "")), None)
 
-    # ---- loop
-    device, accum, clip = accelerator.device, cfg.optim.grad_accum, cfg.optim.clip_grad
-    batches = _batches(loader)
-    planned = list(urls[rank::world]) if len(urls) >= world else list(urls)
-    shards_seen: set[str] = set()
-    samples_seen = skipped = 0
-    t_start = time.monotonic() - state.elapsed
-    window_time, window_images = 0.0, 0
-    images_per_s = float("nan")
-    last: dict[str, float] = {}
-    knn_last = knn_init
-    stopped = "completed" if end == total else "stop_at_step"
-    saved_at = -1
-    method.train()
-    bar = _progress(total, start, enabled=main_proc and cfg.log.progress)
-    step = start
-    while step < end:
-        t0 = time.perf_counter()
-        sched = apply_to_optimizer(optimizer, step, schedules)
-        momentum, teacher_temp = schedules.momentum(step), schedules.teacher_temp(step)
-        parts: dict[str, torch.Tensor] = {}
-        grad_norm = None
-        for _ in range(accum):
-            batch = next(batches)
-            for key in batch.keys:
-                shard = index.shard_of(key)
-                if shard is not None:
-                    shards_seen.add(shard)
-            samples_seen += len(batch.keys)
-            skipped += batch.skipped
-            inputs = {"views": [v.to(device, non_blocking=True) for v in batch.views],
-                      "label": batch.labels.to(device, non_blocking=True)}
-            with accelerator.accumulate(engine):
-                outputs = method(inputs, step, teacher_temp=teacher_temp)
-                accelerator.backward(outputs["loss"])
-                if accelerator.sync_gradients and (clip > 0 or use_ds):
-                    grad_norm = accelerator.clip_grad_norm_(engine.parameters(), clip if clip > 0 else math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for key, value in outputs.items():
-                parts[key] = parts.get(key, 0.0) + value.detach().float() / accum
-        method.update_teacher(momentum)
-        step += 1
-        state.step = step
-        state.images += global_batch
+        # ---- loop
+        device, accum, clip = accelerator.device, cfg.optim.grad_accum, cfg.optim.clip_grad
+        batches = _batches(loader)
+        planned = list(urls[rank::world]) if len(urls) >= world else list(urls)
+        shards_seen: set[str] = set()
+        samples_seen = skipped = 0
+        t_start = time.monotonic() - state.elapsed
+        window_time, window_images = 0.0, 0
+        images_per_s = float("nan")
+        last: dict[str, float] = {}
+        knn_last = knn_init
+        stopped = "completed" if end == total else "stop_at_step"
+        saved_at = -1
+        method.train()
+        bar = _progress(total, start, enabled=main_proc and cfg.log.progress)
+        step = start
+        while step < end:
+            t0 = time.perf_counter()
+            sched = apply_to_optimizer(optimizer, step, schedules)
+            momentum, teacher_temp = schedules.momentum(step), schedules.teacher_temp(step)
+            parts: dict[str, torch.Tensor] = {}
+            grad_norm = None
+            for _ in range(accum):
+                batch = next(batches)
+                for key in batch.keys:
+                    shard = index.shard_of(key)
+                    if shard is not None:
+                        shards_seen.add(shard)
+                samples_seen += len(batch.keys)
+                skipped += batch.skipped
+                inputs = {"views": [v.to(device, non_blocking=True) for v in batch.views],
+                          "label": batch.labels.to(device, non_blocking=True)}
+                with accelerator.accumulate(engine):
+                    outputs = method(inputs, step, teacher_temp=teacher_temp)
+                    accelerator.backward(outputs["loss"])
+                    if accelerator.sync_gradients and (clip > 0 or use_ds):
+                        grad_norm = accelerator.clip_grad_norm_(engine.parameters(), clip if clip > 0 else math.inf)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key, value in outputs.items():
+                    parts[key] = parts.get(key, 0.0) + value.detach().float() / accum
+            method.update_teacher(momentum)
+            step += 1
+            state.step = step
+            state.images += global_batch
 
-        # reduce logs across ranks (every step: the NaN guard must see every rank's loss)
-        names = sorted(parts)
-        values = torch.stack([torch.as_tensor(parts[n], device=device).reshape(()) for n in names])
-        if grad_norm is not None:
-            names.append("grad_norm")
-            values = torch.cat([values, torch.as_tensor(float(grad_norm), device=device).reshape(1)])
-        if world > 1:
-            values = accelerator.reduce(values, reduction="mean")
-        last = dict(zip(names, values.tolist()))
-        if not math.isfinite(last["loss"]):
-            raise FloatingPointError(
-                f"non-finite loss {last['loss']} at step {step}: lower optim.base_lr, raise optim.warmup_epochs or "
-                f"check the data; the last good checkpoint is in {out / 'checkpoints'}")
-        dt = time.perf_counter() - t0
-        window_time, window_images = window_time + dt, window_images + global_batch
+            # reduce logs across ranks (every step: the NaN guard must see every rank's loss)
+            names = sorted(parts)
+            values = torch.stack([torch.as_tensor(parts[n], device=device).reshape(()) for n in names])
+            if grad_norm is not None:
+                names.append("grad_norm")
+                values = torch.cat([values, torch.as_tensor(float(grad_norm), device=device).reshape(1)])
+            if world > 1:
+                values = accelerator.reduce(values, reduction="mean")
+            last = dict(zip(names, values.tolist()))
+            if not math.isfinite(last["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss {last['loss']} at step {step}: lower optim.base_lr, raise optim.warmup_epochs or "
+                    f"check the data; the last good checkpoint is in {out / 'checkpoints'}")
+            dt = time.perf_counter() - t0
+            window_time, window_images = window_time + dt, window_images + global_batch
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{global_batch / dt:.1f}", refresh=False)
+            if step % cfg.log.every == 0 or step == end:
+                images_per_s = window_images / max(window_time, 1e-9)
+                window_time, window_images = 0.0, 0
+                metrics.log(step, {"epoch": step / cfg.optim.steps_per_epoch, **last, **sched, "momentum": momentum,
+                                   "teacher_temp": teacher_temp, "images_per_s": images_per_s,
+                                   "minutes": (time.monotonic() - t_start) / 60, "skipped": skipped})
+            if cfg.knn.every and step % cfg.knn.every == 0 and step != total:
+                knn_last = run_probe(step)
+            if cfg.export.every and step % cfg.export.every == 0 and step != total:
+                export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=data_desc, accelerator=accelerator)
+            state.elapsed = time.monotonic() - t_start
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                checkpoints.save(step, run_meta)
+                saved_at = step
+            if step < end and preemption.requested(step):
+                stopped = "preempted"
+                break
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{global_batch / dt:.1f}", refresh=False)
-        if step % cfg.log.every == 0 or step == end:
-            images_per_s = window_images / max(window_time, 1e-9)
-            window_time, window_images = 0.0, 0
-            metrics.log(step, {"epoch": step / cfg.optim.steps_per_epoch, **last, **sched, "momentum": momentum,
-                               "teacher_temp": teacher_temp, "images_per_s": images_per_s,
-                               "minutes": (time.monotonic() - t_start) / 60, "skipped": skipped})
-        if cfg.knn.every and step % cfg.knn.every == 0 and step != total:
-            knn_last = run_probe(step)
-        if cfg.export.every and step % cfg.export.every == 0 and step != total:
-            export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=data_desc, accelerator=accelerator)
-        state.elapsed = time.monotonic() - t_start
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            checkpoints.save(step, run_meta)
-            saved_at = step
-        if step < end and preemption.requested(step):
-            stopped = "preempted"
-            break
-    if bar is not None:
-        bar.close()
+            bar.close()
+            bar = None
 
-    # ---- end: checkpoint, probe, export, per-rank record
-    state.elapsed = time.monotonic() - t_start
-    if saved_at != step and step > start:
-        checkpoints.save(step, run_meta)
-    if stopped == "preempted":
-        preemption.acknowledge()
-        log.warning("pre-empted: checkpointed at step %d; rerun with out=%s to resume", step, out)
-    exported = None
-    if stopped != "preempted":
-        if step == total and cfg.knn.every:
-            knn_last = run_probe(step)
-        export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=data_desc, accelerator=accelerator)
-        exported = str(out / "export")
-    preemption.close()
-    metrics.close()
-    record = {
-        "rank": rank, "world_size": world, "shards_assigned": planned, "shards_read": sorted(shards_seen),
-        "samples": samples_seen, "start_step": start, "step": step,
-        "student_checksum": None if _zero3(engine) else _checksum(method.student),
-    }
-    atomic_write_text(out / "ranks" / f"rank_{rank}.json", json.dumps(record, indent=1) + "\n")
+        # ---- end: checkpoint, probe, export, per-rank record
+        state.elapsed = time.monotonic() - t_start
+        if saved_at != step and step > start:
+            checkpoints.save(step, run_meta)
+        if stopped == "preempted":
+            preemption.acknowledge()
+            log.warning("pre-empted: checkpointed at step %d; rerun with out=%s to resume", step, out)
+        exported = None
+        if stopped != "preempted":
+            if step == total and cfg.knn.every:
+                knn_last = run_probe(step)
+            export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=data_desc, accelerator=accelerator)
+            exported = str(out / "export")
+        record = {
+            "rank": rank, "world_size": world, "shards_assigned": planned, "shards_read": sorted(shards_seen),
+            "samples": samples_seen, "start_step": start, "step": step,
+            "student_checksum": None if _zero3(engine) else _checksum(method.student),
+        }
+        atomic_write_text(out / "ranks" / f"rank_{rank}.json", json.dumps(record, indent=1) + "\n")
+    finally:  # also on errors: restore signal handlers, flush TensorBoard, close the bar
+        preemption.close()
+        if metrics is not None:
+            metrics.close()
+        if bar is not None:
+            bar.close()
     accelerator.wait_for_everyone()
     minutes = (time.monotonic() - t_start) / 60
     result = {

@@ -168,13 +168,6 @@ def slurm_env(tmp_path, stubs, nodes: int, gpus: int, nodelist: str, **extra) ->
     return env
 
 
-def accel_config(tmp_path, name: str, deepspeed: bool = False) -> Path:
-    """A stand-in accelerate config file (the launcher only reads its distributed_type)."""
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(f"distributed_type: {'DEEPSPEED' if deepspeed else 'MULTI_GPU'}\nnum_machines: 1\n")
-    return p
-
-
 # -------------------------------------------------------------------------------------- lint
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_bash_syntax(script):
@@ -209,13 +202,14 @@ def run_sbatch(script: Path, args: list[str], env: dict, timeout: float = 60) ->
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("nodes,gpus,nodelist,hosts", [
-    (1, 1, "gpu17", ["gpu17"]),
-    (3, 4, "gpu[07-09]", ["gpu07", "gpu08", "gpu09"]),
+@pytest.mark.parametrize("nodes,gpus,nodelist,hosts,config", [
+    (1, 1, "gpu17", ["gpu17"], "single_gpu"),
+    (3, 4, "gpu[07-09]", ["gpu07", "gpu08", "gpu09"], "multi_node"),
 ])
-def test_pretrain_sbatch_node_commands(tmp_path, stubs, nodes, gpus, nodelist, hosts):
-    cfg = accel_config(tmp_path, "multi")
-    env = slurm_env(tmp_path, stubs, nodes, gpus, nodelist, ACCEL_CONFIG=cfg, STUB_HOSTS=" ".join(hosts))
+def test_pretrain_sbatch_node_commands(tmp_path, stubs, nodes, gpus, nodelist, hosts, config):
+    """The exact `accelerate launch` command of every node; the accelerate config is the default choice."""
+    cfg = REPO / "configs" / "accelerate" / f"{config}.yaml"
+    env = slurm_env(tmp_path, stubs, nodes, gpus, nodelist, STUB_HOSTS=" ".join(hosts))
     r = run_sbatch(PRETRAIN, OVERRIDES, env)
     assert r.returncode == 0, r.stderr
     log = stubs[1]
@@ -247,8 +241,7 @@ def test_pretrain_sbatch_node_commands(tmp_path, stubs, nodes, gpus, nodelist, h
 
 def test_pretrain_sbatch_run_folder_deepspeed_and_port(tmp_path, stubs):
     """out= on the command line wins (made absolute, given once); DeepSpeed adds the standard launcher."""
-    cfg = accel_config(tmp_path, "zero2", deepspeed=True)
-    env = slurm_env(tmp_path, stubs, 2, 2, "a,b", ACCEL_CONFIG=cfg, MASTER_PORT=31234,
+    env = slurm_env(tmp_path, stubs, 2, 2, "a,b", ACCEL_CONFIG="deepspeed_zero2", MASTER_PORT=31234,
                     SLURM_RESTART_COUNT=2, RUN_NAME="ignored")
     out = tmp_path / "my run dir"
     r = run_sbatch(PRETRAIN, ["out=elsewhere", "method=simclr", f"out={tmp_path}/named/./run"], env)
@@ -258,6 +251,7 @@ def test_pretrain_sbatch_run_folder_deepspeed_and_port(tmp_path, stubs):
         assert argv[-2:] == [f"out={tmp_path}/named/run", "method=simclr"]
         assert argv[argv.index("--main_process_ip") + 1] == "a"
         assert argv[argv.index("--main_process_port") + 1] == "31234"
+        assert argv[argv.index("--config_file") + 1] == str(REPO / "configs/accelerate/deepspeed_zero2.yaml")
         i = argv.index("--deepspeed_multinode_launcher")
         assert argv[i + 1] == "standard" and i < argv.index("pretrain/main.py")
     assert "restart 2" in (tmp_path / "named" / "run" / "launch.log").read_text()
@@ -275,16 +269,19 @@ def test_pretrain_sbatch_default_config_choice(tmp_path, stubs):
     """Without ACCEL_CONFIG: multi_node on several nodes, multi_gpu on one node with several GPUs,
     single_gpu otherwise; an unknown name lists the available ones."""
     for nodes, gpus, expect in [(2, 4, "multi_node"), (1, 4, "multi_gpu"), (1, 1, "single_gpu")]:
-        env = slurm_env(tmp_path, stubs, nodes, gpus, "n[1-2]")
-        r = run_sbatch(PRETRAIN, [], env)
-        if not (REPO / "configs" / "accelerate" / f"{expect}.yaml").exists():
-            assert r.returncode == 2 and f"accelerate config '{expect}' not found" in r.stderr
-            continue
+        r = run_sbatch(PRETRAIN, [], slurm_env(tmp_path, stubs, nodes, gpus, "n[1-2]"))
         assert r.returncode == 0, r.stderr
         argv = read_jsonl(stubs[1] / "accelerate.0.jsonl")[-1]["argv"]
         assert argv[argv.index("--config_file") + 1] == str(REPO / "configs" / "accelerate" / f"{expect}.yaml")
+        assert "--deepspeed_multinode_launcher" not in argv
+    # GPUs from --gpus-per-node when SLURM_GPUS_ON_NODE is absent ("type:count" form)
+    env = slurm_env(tmp_path, stubs, 2, 1, "n[1-2]", SLURM_GPUS_PER_NODE="a100:8")
+    del env["SLURM_GPUS_ON_NODE"]
+    assert run_sbatch(PRETRAIN, [], env).returncode == 0
+    argv = read_jsonl(stubs[1] / "accelerate.1.jsonl")[-1]["argv"]
+    assert argv[argv.index("--num_processes") + 1] == "16"
     r = run_sbatch(PRETRAIN, [], slurm_env(tmp_path, stubs, 1, 1, "n1", ACCEL_CONFIG="nope"))
-    assert r.returncode == 2 and "accelerate config 'nope' not found" in r.stderr
+    assert r.returncode == 2 and "accelerate config 'nope' not found" in r.stderr and "multi_node" in r.stderr
 
 
 def test_pretrain_sbatch_outside_slurm_fails(tmp_path, stubs):
@@ -314,7 +311,7 @@ def requeues(log: Path) -> list[dict]:
 
 def preempt(tmp_path, stubs, nodes: int, sig=signal.SIGUSR1, **extra):
     """Start pretrain.sbatch, send `sig` to the batch shell once every node runs, wait for the end."""
-    env = slurm_env(tmp_path, stubs, nodes, 1, "n[1-3]", ACCEL_CONFIG=accel_config(tmp_path, "multi"), **extra)
+    env = slurm_env(tmp_path, stubs, nodes, 1, "n[1-3]", **extra)
     run = tmp_path / "runs" / "pretrain" / f"slurm-{JOB_ID}"
     p = start_batch(PRETRAIN, ["method=dino"], env)
     try:
@@ -343,8 +340,7 @@ def test_usr1_writes_flag_then_requeues_after_checkpoint(tmp_path, stubs):
     assert "restart 2 of at most 10" in err
 
     # the requeued start: same run folder, stale flag removed before the launch, no new requeue
-    env = slurm_env(tmp_path, stubs, 2, 1, "n[1-2]", ACCEL_CONFIG=accel_config(tmp_path, "multi"),
-                    SLURM_RESTART_COUNT=2)
+    env = slurm_env(tmp_path, stubs, 2, 1, "n[1-2]", SLURM_RESTART_COUNT=2)
     r = run_sbatch(PRETRAIN, ["method=dino"], env)
     assert r.returncode == 0, r.stderr
     assert "removing the stale flag" in r.stderr and not (run / "PREEMPT").exists()
@@ -388,10 +384,9 @@ def local_env(tmp_path, stubs, **extra) -> dict:
 
 
 def test_local_cpu_processes_command(tmp_path, stubs):
-    cfg = accel_config(tmp_path, "cpu")
-    cfg.write_text("distributed_type: 'NO'\nuse_cpu: true\n")
+    cfg = REPO / "configs" / "accelerate" / "cpu.yaml"
     env = local_env(tmp_path, stubs)
-    r = subprocess.run([str(LOCAL), "--cpu", "2", "--config", str(cfg), "--name", "t1", "method=simclr"],
+    r = subprocess.run([str(LOCAL), "--cpu", "2", "--name", "t1", "method=simclr"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     call = read_jsonl(stubs[1] / "accelerate.local.jsonl")[0]
@@ -401,7 +396,7 @@ def test_local_cpu_processes_command(tmp_path, stubs):
                             "method=simclr"]
     assert call["env"]["ACCELERATE_USE_CPU"] == "true"
     # one process: no --multi_gpu (accelerate refuses it below 2); --dry-run prints and runs nothing
-    r = subprocess.run([str(LOCAL), "--cpu", "1", "--config", str(cfg), "--dry-run", "out=x/y"],
+    r = subprocess.run([str(LOCAL), "--cpu", "1", "--config", "cpu", "--dry-run", "out=x/y"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "ACCELERATE_USE_CPU=true accelerate launch" in r.stdout and "--multi_gpu" not in r.stdout
@@ -676,3 +671,37 @@ def test_real_local_two_cpu_processes_export_encoder(tmp_path, stubs):
     assert (run / "export" / "encoder.json").is_file() and state
     assert meta["method"] == "simclr" and meta["steps"] == 4
     assert "local: 2 process(es)" in (run / "launch.log").read_text()
+
+
+@pytest.mark.slow
+def test_real_finetune_cell_and_collect(tmp_path, stubs):
+    """sweep.sh grid -> finetune.sbatch array task with the real segment.finetune (tiny synthetic
+    data) -> collect.py reads the run's own summary.csv and model.json."""
+    (stubs[0] / "accelerate").unlink()
+    (stubs[0] / "python").unlink()
+    env = local_env(tmp_path, stubs)
+    tiny = ["model.name=cs_unet_test", "data.synthetic_size=64", "data.crop_size=64", "data.samples_per_epoch=6",
+            "train.batch_size=2", "train.epochs=2", "overlays=1"]
+    r = subprocess.run([str(SWEEP), "--name", "real", "--models", "cs_unet_lite", "--data", "synthetic_super",
+                        "--seeds", "0", "--dry-run", "--", *tiny], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sweep = tmp_path / "runs" / "sweeps" / "real"
+    senv = slurm_env(tmp_path, stubs, 1, 1, "g1", SLURM_ARRAY_TASK_ID=0, MSEG_VENV=REPO / ".venv",
+                     SLURM_CPUS_PER_TASK=1)
+    r = run_sbatch(FINETUNE, [str(sweep / "grid.tsv")], senv, timeout=240)
+    assert r.returncode == 0, r.stderr[-5000:]
+    run = sweep / "cs_unet_lite__preset__synthetic_super__s0"
+    assert (run / "report.md").is_file() and (run / "best" / "model.json").is_file()
+
+    r = subprocess.run([sys.executable, str(LAUNCH / "collect.py"), str(sweep)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with (sweep / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r_["set"] for r_ in rows) == ["shifted", "test"]
+    summary = {s["set"]: s for s in csv.DictReader((run / "eval" / "summary.csv").open())}
+    best = json.loads((run / "best" / "model.json").read_text())
+    for row in rows:
+        assert row["run"] == run.name and row["model"] == "cs_unet_lite" and row["seed"] == "0"
+        assert float(row["miou"]) == pytest.approx(float(summary[row["set"]]["miou"]))
+        assert int(row["best_epoch"]) == best["epoch"]
+    assert "| test | cs_unet_lite | preset | 1 |" in r.stdout
