@@ -45,7 +45,6 @@ if not __package__:  # run as a script (`python pretrain/main.py`, `accelerate l
     sys.path.insert(0, str(_here.parent))
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -333,6 +332,57 @@ class ShardIndex:
         return self.names[i] if i >= 0 else None
 
 
+@dataclass
+class Corpus:
+    """The training shards and what the run records about them."""
+
+    urls: list[str]
+    description: str
+    labels: list[str] | None = None  # the manifest's label vocabulary, when labelled
+    index: ShardIndex = field(default_factory=ShardIndex)
+
+
+def resolve_corpus(cfg: PretrainConfig, out: Path, accelerator) -> Corpus:
+    """``data.shards``, or the synthetic corpus written into the run (collective)."""
+    from pretrain.shards import Manifest
+
+    if cfg.data.shards is None:
+        folder: Path | None = prepare_corpus(cfg, out, accelerator)
+        s = cfg.data.synthetic
+        description = (f"synthetic corpus: {s.n_per_kind} images per material ({', '.join(_SYNTHETIC_KINDS)}), "
+                       f"{s.size} px, seed {s.seed}")
+    else:
+        spec = cfg.data.shards
+        folder = None if isinstance(spec, (list, tuple)) else Path(str(spec)).expanduser()
+        folder = folder if folder is not None and folder.is_dir() else None
+        description = f"shards: {spec}"
+    urls = shard_urls(folder if folder is not None else cfg.data.shards)
+    labels = None
+    if folder is not None and (folder / "manifest.json").is_file():
+        labels = Manifest.load(folder).labels
+    return Corpus(urls, f"{description} ({len(urls)} shards)", labels, ShardIndex.from_folder(folder))
+
+
+def build_method(cfg: PretrainConfig, *, labels: Sequence[str] | None = None):
+    """Encoder (built at the global crop size) + method; supervised takes its classes from ``labels``."""
+    from pretrain.encoders import build_encoder
+    from pretrain.methods import create_method
+
+    encoder, spec = build_encoder(cfg.encoder.name, in_chans=cfg.encoder.in_chans,
+                                  img_size=cfg.data.views.global_size, **dict(cfg.encoder.kwargs))
+    name, options = cfg.method.name.value, dict(cfg.method.options)
+    if name == "supervised" and "num_classes" not in options:
+        if not labels:
+            raise ValueError("supervised pretraining needs labelled shards (python -m pretrain.shards --labels ...) "
+                             "or method.options.num_classes")
+        options["num_classes"] = len(labels)
+    try:
+        return create_method(name, encoder, spec, **options), spec
+    except ValueError as e:
+        raise ValueError(f"{e} (select a method with its options as pretrain/method={name}; method.options holds "
+                         "the selected method's keyword options)") from None
+
+
 def build_views(cfg: PretrainConfig, method_name: str):
     """DINO: multi-crop (2 global + n_local local); the other methods: two views."""
     from pretrain.views import MultiCrop, TwoViews
@@ -517,8 +567,6 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     from accelerate.utils import set_seed
 
     from pretrain.checkpointing import CheckpointManager, Preemption, TrainState
-    from pretrain.encoders import build_encoder
-    from pretrain.methods import create_method
     from pretrain.schedules import Schedules, apply_to_optimizer
     from segment.checkpoint import atomic_write_text
 
@@ -539,42 +587,10 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     log.info("run folder %s; %d process(es) on %s, %s, precision %s", out, world, accelerator.device,
              accelerator.distributed_type.name, accelerator.mixed_precision)
 
-    # ---- data
-    shard_folder: Path | None
-    if cfg.data.shards is None:
-        shard_folder = prepare_corpus(cfg, out, accelerator)
-        urls = shard_urls(shard_folder)
-        data_desc = (f"synthetic corpus: {cfg.data.synthetic.n_per_kind} images per material "
-                     f"({', '.join(_SYNTHETIC_KINDS)}), {cfg.data.synthetic.size} px, seed {cfg.data.synthetic.seed}")
-    else:
-        urls = shard_urls(cfg.data.shards)
-        spec_path = Path(str(cfg.data.shards)).expanduser() if not isinstance(cfg.data.shards, (list, tuple)) else None
-        shard_folder = spec_path if spec_path is not None and spec_path.is_dir() else None
-        data_desc = f"shards: {cfg.data.shards} ({len(urls)} shards)"
-    index = ShardIndex.from_folder(shard_folder)
-    labels_vocab = None
-    if shard_folder is not None and (shard_folder / "manifest.json").is_file():
-        from pretrain.shards import Manifest
-
-        labels_vocab = Manifest.load(shard_folder).labels
-
-    # ---- model: the same initialisation on every rank (the teacher is not broadcast by DDP/DeepSpeed)
-    set_seed(cfg.seed)
-    views_cfg = cfg.data.views
-    encoder, spec = build_encoder(cfg.encoder.name, in_chans=cfg.encoder.in_chans, img_size=views_cfg.global_size,
-                                  **dict(cfg.encoder.kwargs))
-    options = dict(cfg.method.options)
+    corpus = resolve_corpus(cfg, out, accelerator)
+    set_seed(cfg.seed)  # the same initialisation on every rank: DDP/DeepSpeed do not broadcast the teacher
+    method, spec = build_method(cfg, labels=corpus.labels)
     method_name = cfg.method.name.value
-    if method_name == "supervised" and "num_classes" not in options:
-        if not labels_vocab:
-            raise ValueError("supervised pretraining needs labelled shards (pretrain.shards --labels) or "
-                             "method.options.num_classes")
-        options["num_classes"] = len(labels_vocab)
-    try:
-        method = create_method(method_name, encoder, spec, **options)
-    except ValueError as e:
-        raise ValueError(f"{e} (choose a method's preset with pretrain/method={method_name}; "
-                         "method.options holds that method's options)") from None
     set_seed(cfg.seed, device_specific=True)  # augmentations differ between ranks
     method.to(accelerator.device)
     schedules = Schedules(schedule_config(cfg, method.schedule_defaults, world_size=world),
@@ -603,12 +619,12 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
         state.resumes += 1
     start, total = state.step, schedules.total_steps
     end = min(total, cfg.stop_at_step) if cfg.stop_at_step else total
-    run_meta = {"config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), "data": data_desc}
+    run_meta = {"config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True), "data": corpus.description}
 
     metrics = bar = None
     try:
         views = build_views(cfg, method_name)
-        loader = make_train_loader(cfg, urls, views, start_step=start, with_labels=method.requires_labels,
+        loader = make_train_loader(cfg, corpus.urls, views, start_step=start, with_labels=method.requires_labels,
                                    rank=rank, world_size=world)
         probe = build_probe(cfg, out, accelerator)
         metrics = MetricsLog(out, enabled=main_proc, tensorboard=cfg.log.tensorboard, start_step=start)
@@ -632,7 +648,8 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
         # ---- loop
         device, accum, clip = accelerator.device, cfg.optim.grad_accum, cfg.optim.clip_grad
         batches = _batches(loader)
-        planned = list(urls[rank::world]) if len(urls) >= world else list(urls)
+        urls = corpus.urls
+        planned = urls[rank::world] if len(urls) >= world else list(urls)
         shards_seen: set[str] = set()
         samples_seen = skipped = 0
         t_start = time.monotonic() - state.elapsed
@@ -654,7 +671,7 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
             for _ in range(accum):
                 batch = next(batches)
                 for key in batch.keys:
-                    shard = index.shard_of(key)
+                    shard = corpus.index.shard_of(key)
                     if shard is not None:
                         shards_seen.add(shard)
                 samples_seen += len(batch.keys)
@@ -698,11 +715,12 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
                 window_time, window_images = 0.0, 0
                 metrics.log(step, {"epoch": step / cfg.optim.steps_per_epoch, **last, **sched, "momentum": momentum,
                                    "teacher_temp": teacher_temp, "images_per_s": images_per_s,
-                                   "minutes": (time.monotonic() - t_start) / 60, "skipped": skipped})
+                                   "minutes": (time.monotonic() - t_start) / 60, "skipped": skipped,
+                                   **_memory(device)})
             if cfg.knn.every and step % cfg.knn.every == 0 and step != total:
                 knn_last = run_probe(step)
             if cfg.export.every and step % cfg.export.every == 0 and step != total:
-                export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=data_desc, accelerator=accelerator)
+                export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=corpus.description, accelerator=accelerator)
             state.elapsed = time.monotonic() - t_start
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 checkpoints.save(step, run_meta)
@@ -725,7 +743,7 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
         if stopped != "preempted":
             if step == total and cfg.knn.every:
                 knn_last = run_probe(step)
-            export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=data_desc, accelerator=accelerator)
+            export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=corpus.description, accelerator=accelerator)
             exported = str(out / "export")
         record = {
             "rank": rank, "world_size": world, "shards_assigned": planned, "shards_read": sorted(shards_seen),
@@ -751,6 +769,13 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
                  minutes, _fmt(knn_init), _fmt(knn_last), exported)
     accelerator.end_training()
     return result
+
+
+def _memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated by this process so far (GiB); nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def _fmt(value: float | None) -> str:

@@ -220,7 +220,7 @@ def test_config_errors_name_the_key(override, message):
 def test_bad_values_and_options_stop_with_a_clear_message(tmp_path):
     with pytest.raises(ValueError, match=r"optim.batch_size=0"):
         train(compose_cfg(f"out={tmp_path}", "optim.batch_size=0"))
-    with pytest.raises(ValueError, match=r"unknown options \['out_dim'.*pretrain/method=simclr"):
+    with pytest.raises(ValueError, match=r"unknown options \['bottleneck_dim'.*pretrain/method=simclr"):
         train(compose_cfg(f"out={tmp_path}", *TINY, "method.name=simclr", "knn.every=0"))
 
 
