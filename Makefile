@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 JOBS ?= 2
 
-.PHONY: demo test venv clean-venv bench
+.PHONY: demo test venv clean-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PY) not found); set PY=/path/to/python3.11"; exit 1; }
@@ -24,9 +24,6 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m segment.demo out=$(RUN)
-
-bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -110,7 +110,7 @@ def main() -> None:
         wall = statistics.median(runs[f"{name}/{w}"])
         label = "`write_shards` (PNG re-encode + sha256 + fsync)" if name != "tar" else "`tar -c -h` + fsync"
         lines.append(f"| {label} | {w if name != 'tar' else '-'} | {wall:.2f} | {mb / wall:.1f} | "
-                     f"{sizes[f'{name}/{w}'] / 1e6:.1f} | {mb / wall / tar_rate:.2f} |")
+                     f"{sizes[f'{name}/{w}'] / 1e6:.1f} | {mb / wall / tar_rate:.3f} |")
     table = "\n".join(lines)
     header = (f"Shard writing, {info['files']} files {info['counts']}, {mb:.1f} MB input, maxcount "
               f"{args.maxcount}, median of {args.repeats}; {machine_line()}")

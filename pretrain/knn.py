@@ -76,7 +76,8 @@ def knn_accuracy(
                          f"and {tuple(test_feats.shape)}")
     if train_labels.shape != (train_feats.shape[0],) or test_labels.shape != (test_feats.shape[0],):
         raise ValueError(f"one label per feature row expected, got labels {tuple(train_labels.shape)} for "
-                         f"{train_feats.shape[0]} bank rows and {tuple(test_labels.shape)} for {test_feats.shape[0]} queries")
+                         f"{train_feats.shape[0]} bank rows and {tuple(test_labels.shape)} for "
+                         f"{test_feats.shape[0]} queries")
     if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
         raise ValueError("the bank and the queries must not be empty")
     if k < 1 or temperature <= 0:

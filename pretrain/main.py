@@ -720,7 +720,8 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
             if cfg.knn.every and step % cfg.knn.every == 0 and step != total:
                 knn_last = run_probe(step)
             if cfg.export.every and step % cfg.export.every == 0 and step != total:
-                export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=corpus.description, accelerator=accelerator)
+                export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=corpus.description,
+                                accelerator=accelerator)
             state.elapsed = time.monotonic() - t_start
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 checkpoints.save(step, run_meta)
@@ -743,7 +744,8 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
         if stopped != "preempted":
             if step == total and cfg.knn.every:
                 knn_last = run_probe(step)
-            export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=corpus.description, accelerator=accelerator)
+            export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=corpus.description,
+                            accelerator=accelerator)
             exported = str(out / "export")
         record = {
             "rank": rank, "world_size": world, "shards_assigned": planned, "shards_read": sorted(shards_seen),
@@ -810,7 +812,8 @@ def resolve_out_override(argv: Sequence[str], environ: Mapping[str, str] = os.en
             raise SystemExit(
                 "pretrain: this is a multi-process run (WORLD_SIZE="
                 f"{environ.get('WORLD_SIZE')}) without out=DIR; every rank would make its own timestamped "
-                "folder. Pass the same out=DIR to all ranks, e.g. `accelerate launch pretrain/main.py out=runs/pretrain/my_run`."
+                "folder. Pass the same out=DIR to all ranks, e.g. "
+                "`accelerate launch pretrain/main.py out=runs/pretrain/my_run`."
             )
         extra.append(f"out=runs/pretrain/slurm-{job}")
     if int(environ.get("RANK", "0")) != 0:

@@ -76,7 +76,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_export(tmp_path):
     rows = read_csv(out / "metrics.csv")
     train_rows = [r for r in rows if r["loss"]]
     assert [int(r["step"]) for r in train_rows] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "teacher_entropy", "lr", "weight_decay", "momentum", "teacher_temp", "images_per_s", "grad_norm"):
+    logged = ("loss", "teacher_entropy", "lr", "weight_decay", "momentum", "teacher_temp", "images_per_s", "grad_norm")
+    for key in logged:
         assert all(float(r[key]) == float(r[key]) for r in train_rows), key  # present, not NaN
     assert float(train_rows[0]["lr"]) == 0.0 and float(train_rows[1]["lr"]) > 0  # warm-up from 0
     assert [int(r["step"]) for r in rows if r["knn_top1"]] == [0, 3, 6]  # random init first
@@ -228,7 +229,8 @@ def test_cli_rejects_a_multi_process_run_without_out():
     with pytest.raises(SystemExit, match="out=DIR"):
         resolve_out_override(["optim.epochs=2"], {"WORLD_SIZE": "2", "RANK": "0"})
     assert resolve_out_override(["out=runs/x"], {"WORLD_SIZE": "2", "RANK": "0"}) == []
-    assert resolve_out_override([], {"WORLD_SIZE": "2", "RANK": "0", "SLURM_JOB_ID": "77"}) == ["out=runs/pretrain/slurm-77"]
+    slurm = {"WORLD_SIZE": "2", "RANK": "0", "SLURM_JOB_ID": "77"}
+    assert resolve_out_override([], slurm) == ["out=runs/pretrain/slurm-77"]
     quiet = resolve_out_override(["out=runs/x"], {"WORLD_SIZE": "2", "RANK": "1"})
     assert "hydra.output_subdir=null" in quiet and "hydra/job_logging=stdout" in quiet
     assert resolve_out_override([], {}) == []
@@ -242,7 +244,8 @@ def test_deepspeed_config_gets_the_loop_settings_as_numbers(tmp_path):
     assert ds["data_types"]["buffer_dtype"] == "bf16"  # BatchNorm under DeepSpeed bf16
     assert "optimizer" not in ds and "train_batch_size" not in ds
     assert deepspeed_config(compose_cfg(), environ={}) is None
-    launched = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(CONFIG_DIR / "deepspeed/zero3.json")}
+    launched = {"ACCELERATE_USE_DEEPSPEED": "true",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(CONFIG_DIR / "deepspeed" / "zero3.json")}
     assert deepspeed_config(compose_cfg(), environ=launched)["zero_optimization"]["stage"] == 3
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 2}}))
