@@ -4,7 +4,8 @@
   ``eval_knn.py``) as a pure function: cosine similarity to a labelled feature bank, the ``k``
   nearest neighbours vote with weight ``exp(similarity / temperature)``, top-1 accuracy.
 * :func:`extract_features` - pooled features of a backbone over a stack of images (eval mode,
-  no gradients, every module's train/eval flag restored afterwards).
+  no gradients, every module's train/eval flag restored afterwards); :func:`refit_batchnorm`
+  re-estimates BatchNorm statistics on the bank for the duration of a probe.
 * :class:`Holdout` / :func:`load_holdout` - a small labelled set read from a folder of class
   folders, cut into fixed crops; :func:`write_synthetic_holdout` generates the default one.
 * :class:`KnnProbe` - holdout + settings -> ``{"knn_top1": ...}`` for a backbone.
@@ -36,6 +37,7 @@ __all__ = [
     "extract_features",
     "knn_accuracy",
     "load_holdout",
+    "refit_batchnorm",
     "write_synthetic_holdout",
 ]
 
@@ -131,6 +133,11 @@ def extract_features(backbone: nn.Module, images: Tensor, *, batch_size: int = 6
                 raise ValueError(f"backbone must return pooled N x D features, got shape {tuple(out.shape)}")
             feats.append(out.float().cpu())
     return torch.cat(feats)
+
+
+@contextlib.contextmanager
+def _unchanged(backbone: nn.Module, *args, **kwargs) -> Iterator[nn.Module]:
+    yield backbone
 
 
 # --- holdout -----------------------------------------------------------------------------------
@@ -274,16 +281,61 @@ def write_synthetic_holdout(root: str | os.PathLike[str], *, n_per_class: int = 
     return root
 
 
-class KnnProbe:
-    """A holdout plus probe settings; ``probe(backbone)`` -> ``{"knn_top1": accuracy}``."""
+@contextlib.contextmanager
+def refit_batchnorm(backbone: nn.Module, images: Tensor, *, batch_size: int = 64,
+                    device: torch.device | str | None = None) -> Iterator[nn.Module]:
+    """Within the block, every BatchNorm layer of ``backbone`` holds statistics re-estimated on
+    ``images`` (cumulative average over one no-grad pass); its own statistics, momentum and mode
+    are restored on exit. A no-op for backbones without BatchNorm (Swin, ViT).
 
-    def __init__(self, holdout: Holdout, *, k: int = 20, temperature: float = 0.07, batch_size: int = 64) -> None:
+    Without it a randomly initialised ResNet is probed with its unit init statistics, which
+    understates random features (here 0.70 instead of 0.89 k-NN top-1 on the synthetic holdout) and
+    makes the first steps look like learning when they only fit statistics.
+    """
+    norms = [m for m in backbone.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        yield backbone
+        return
+    saved = [(m, m.momentum, m.training, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in norms]
+    param = next(backbone.parameters())
+    device = torch.device(device) if device is not None else param.device
+    try:
+        with _eval_mode(backbone), torch.no_grad():
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average
+                m.train()
+            for start in range(0, images.shape[0], batch_size):
+                backbone(images[start:start + batch_size].to(device=device, dtype=param.dtype))
+        yield backbone
+    finally:
+        with torch.no_grad():
+            for m, momentum, training, buffers in saved:
+                for name, value in buffers.items():
+                    getattr(m, name).copy_(value)
+                m.momentum, m.training = momentum, training
+
+
+class KnnProbe:
+    """A holdout plus probe settings; ``probe(backbone)`` -> ``{"knn_top1": accuracy}``.
+
+    With ``refit_batchnorm`` (default) BatchNorm statistics are re-estimated on the bank images for
+    the probe (:func:`refit_batchnorm`), so every probe, the random-init one included, compares
+    weights under the same protocol; the backbone's own statistics are left as they were.
+    """
+
+    def __init__(self, holdout: Holdout, *, k: int = 20, temperature: float = 0.07, batch_size: int = 64,
+                 refit_batchnorm: bool = True) -> None:
         self.holdout, self.k, self.temperature, self.batch_size = holdout, k, temperature, batch_size
+        self.refit_batchnorm = refit_batchnorm
 
     def __call__(self, backbone: nn.Module, device: torch.device | str | None = None) -> dict[str, float]:
         h = self.holdout
-        bank = extract_features(backbone, h.train_images, batch_size=self.batch_size, device=device)
-        queries = extract_features(backbone, h.test_images, batch_size=self.batch_size, device=device)
+        refit = refit_batchnorm if self.refit_batchnorm else _unchanged
+        with refit(backbone, h.train_images, batch_size=self.batch_size, device=device):
+            bank = extract_features(backbone, h.train_images, batch_size=self.batch_size, device=device)
+            queries = extract_features(backbone, h.test_images, batch_size=self.batch_size, device=device)
         acc = knn_accuracy(bank, h.train_labels, queries, h.test_labels, k=self.k, temperature=self.temperature,
                            num_classes=len(h.classes))
         return {"knn_top1": acc}

@@ -18,7 +18,14 @@ from omegaconf import OmegaConf
 
 from pretrain.checkpointing import PREEMPT_FILE, STATE_FILE, Preemption, TrainState, list_checkpoints
 from pretrain.config import PretrainConfig
-from pretrain.knn import knn_accuracy, load_holdout, write_synthetic_holdout
+from pretrain.knn import (
+    KnnProbe,
+    extract_features,
+    knn_accuracy,
+    load_holdout,
+    refit_batchnorm,
+    write_synthetic_holdout,
+)
 from pretrain.main import CONFIG_DIR, deepspeed_config, peak_lr, resolve_out_override, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,3 +339,23 @@ def test_holdout_layouts(tmp_path):
     assert h.train_images.shape == (4, 3, 32, 32) and h.test_images.shape == (4, 3, 32, 32)
     with pytest.raises(ValueError, match="at least 2 classes"):
         load_holdout(flat / "coating")
+
+
+def test_refit_batchnorm_is_temporary_and_only_for_the_probe(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=0, in_chans=1).train()
+    images = 3.0 + torch.randn(8, 1, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = extract_features(model, images)
+    with refit_batchnorm(model, images, batch_size=4):
+        bn = model.bn1
+        assert bn.running_mean.abs().sum() > 0 and bn.momentum is None
+        fitted = extract_features(model, images)
+    assert not torch.allclose(plain, fitted)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # statistics restored
+    assert model.training and model.bn1.momentum == 0.1
+    h = load_holdout(write_synthetic_holdout(tmp_path / "h", n_per_class=2, size=64), crop_size=48, img_size=32)
+    assert 0.0 <= KnnProbe(h, k=3)(model)["knn_top1"] <= 1.0
