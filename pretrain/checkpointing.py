@@ -133,7 +133,13 @@ class CheckpointManager:
                 "ZeRO partitions cannot be re-split on load. Resume with the same number of processes, or convert "
                 "it with DeepSpeed's universal checkpoint tools (ds_to_universal.py) first."
             )
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise RuntimeError(
+                f"cannot resume from {path}: {str(e).splitlines()[0]} - the run folder holds a checkpoint of another "
+                "model or method; choose a new out=DIR, or pass checkpoint.resume=false to start over in it"
+            ) from e
         logger.info("resumed from %s (step %s)", path, meta.get("step"))
         return meta
 

@@ -15,7 +15,8 @@ per class), or ``ROOT/train/<class>/...`` + ``ROOT/test/<class>/...`` (``val/`` 
 ``test/``). Crops from one image never land on both sides, so neighbours from the same frame
 cannot leak the answer. The synthetic default puts the training imaging conditions in ``train/``
 and shifted ones (contrast, noise, blur, magnification, gamma) in ``test/``: the probe measures
-material recognition across imaging conditions, which random features do poorly.
+material recognition across imaging conditions (randomly initialised swin_lite/resnet18 features:
+0.89-0.90 top-1 at 64 px; the default 40-step DINO run reaches 0.94).
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ small Swin (``swin_lite``) with DINO on the embedded synthetic corpus in a few C
     python -m pretrain.main pretrain/method=simclr pretrain/encoder=resnet18 out=runs/pt/simclr
     python -m pretrain.main data.shards=/data/shards knn.holdout=/data/holdout out=runs/pt/real
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml pretrain/main.py out=runs/pt/ddp
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 pretrain/main.py out=runs/pt/cpu2
+    python pretrain/main.py distributed.deepspeed=zero2 out=runs/pt/z2_one   # one process, no launcher
     accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml pretrain/main.py out=runs/pt/z2
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml pretrain/main.py \
         distributed.deepspeed=zero2 pretrain/experiment=swin_t_dino out=runs/pt/swin_t
@@ -227,7 +229,7 @@ def build_accelerator(cfg: PretrainConfig):
         _single_process_env()
         plugin = DeepSpeedPlugin(hf_ds_config=ds)
         log.info("DeepSpeed ZeRO-%s from %s", ds["zero_optimization"]["stage"], source)
-    return Accelerator(
+    accelerator = Accelerator(
         # accelerate selects DeepSpeed only when not forced to the CPU; DeepSpeed then uses its CPU
         # accelerator (gloo) on a machine without GPUs
         cpu=not torch.cuda.is_available() and plugin is None,
@@ -235,6 +237,15 @@ def build_accelerator(cfg: PretrainConfig):
         gradient_accumulation_steps=cfg.optim.grad_accum,
         deepspeed_plugin=plugin,
     )
+    if (plugin is not None and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() != accelerator.num_processes):
+        # accelerate 1.15 without GPUs: DeepSpeed initialises every rank, but accelerate's state
+        # says one process, so every rank would act as rank 0 (and write the same files)
+        raise RuntimeError(
+            f"DeepSpeed across {torch.distributed.get_world_size()} processes needs GPUs (accelerate reports "
+            f"{accelerator.num_processes} process without them); on CPUs use DDP (distributed.deepspeed=null, "
+            "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...) or DeepSpeed in one process")
+    return accelerator
 
 
 def _single_process_env() -> None:
