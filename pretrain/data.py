@@ -26,8 +26,9 @@ Facts of webdataset 1.0.2 this module is built around (read from its source):
   with tifffile, in their native dtype.
 
 Intensity: each frame is mapped to [0, 1] by clipping at its 0.5th and 99.5th percentiles
-(:func:`normalize_intensity`, same for 8- and 16-bit data); a frame whose percentiles coincide
-falls back to its min/max, then to the dtype range (:func:`pretrain.io.to_float`).
+(:func:`normalize_intensity` = :func:`pretrain.io.scale_intensity` in ``"percentile"`` mode, the
+mapping ``segment`` fine-tunes with by default; same for 8- and 16-bit data); a frame whose
+percentiles coincide falls back to its min/max, a constant frame becomes zeros.
 
 Do **not** pass the loader to ``accelerator.prepare``: with default settings only rank 0 would read
 and broadcast, or (dispatch off) each rank would drop (N-1)/N of its stream. Iterate it on every
@@ -51,7 +52,7 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
-from pretrain.io import to_float
+from pretrain.io import INTENSITY_PERCENTILES, intensity_range, scale_intensity
 
 __all__ = [
     "INTENSITY_PERCENTILES",
@@ -68,8 +69,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INTENSITY_PERCENTILES: tuple[float, float] = (0.5, 99.5)
-"""Percentiles clipped to 0 and 1 by :func:`normalize_intensity` (recorded in encoder exports)."""
 MANIFEST_NAME = "manifest.json"
 IMAGE_EXTENSIONS = ("png", "tif", "tiff", "jpg", "jpeg")
 """Sample fields holding the image, first found wins (our shards write ``png`` or ``tif``)."""
@@ -78,39 +77,12 @@ IMAGE_EXTENSIONS = ("png", "tif", "tiff", "jpg", "jpeg")
 # --- intensity -------------------------------------------------------------------------------
 
 
-def intensity_range(image: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
-                    ) -> tuple[float, float]:
-    """Values at ``percentiles`` of ``image`` (nearest rank), widened to min/max, then to the dtype
-    range, when they coincide. uint8/uint16 use a histogram (O(pixels), no sort)."""
-    flat = np.asarray(image).reshape(-1)
-    if flat.size == 0:
-        raise ValueError("empty image")
-    q = np.asarray(percentiles, dtype=np.float64) / 100.0
-    if flat.dtype in (np.uint8, np.uint16):
-        cdf = np.cumsum(np.bincount(flat, minlength=256))
-        ranks = np.clip(np.ceil(q * flat.size).astype(np.int64), 1, flat.size)
-        lo, hi = (float(v) for v in np.searchsorted(cdf, ranks))
-    else:
-        sample = flat[:: max(1, flat.size // (1 << 22))].astype(np.float64)  # <= ~4M values
-        lo, hi = (float(v) for v in np.nanpercentile(sample, 100.0 * q))
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise ValueError("image has no finite values")
-    if hi <= lo:
-        lo, hi = float(np.nanmin(flat)), float(np.nanmax(flat))
-    return lo, hi
-
-
 def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
                         *, value_range: tuple[float, float] | None = None) -> np.ndarray:
-    """``image`` as float32 in [0, 1]: ``(x - lo) / (hi - lo)`` clipped, ``lo, hi`` from
-    :func:`intensity_range` unless ``value_range`` is given. A constant image falls back to
-    :func:`pretrain.io.to_float` (dtype range)."""
-    lo, hi = value_range if value_range is not None else intensity_range(image, percentiles)
-    if hi <= lo:
-        return to_float(image)
-    out = np.asarray(image, dtype=np.float32) - np.float32(lo)
-    out *= np.float32(1.0 / (hi - lo))
-    return np.clip(out, 0.0, 1.0, out=out)
+    """``image`` as float32 in [0, 1] by the robust percentile stretch that segmentation uses too:
+    :func:`pretrain.io.scale_intensity` with ``mode="percentile"`` (``lo, hi`` from
+    :func:`intensity_range` unless ``value_range`` is given; a constant image gives zeros)."""
+    return scale_intensity(image, "percentile", percentiles, value_range=value_range)
 
 
 # --- decoding --------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "INTENSITY_MODES",
+    "INTENSITY_PERCENTILES",
+    "INTENSITY_SAMPLE_PIXELS",
     "ImageReadError",
     "MicrographWarning",
     "Micrograph",
@@ -31,6 +34,10 @@ __all__ = [
     "read_micrograph",
     "read_raw",
     "read_pixel_size_nm",
+    "canonical_intensity",
+    "intensity_range",
+    "intensity_sample_stride",
+    "scale_intensity",
     "to_float",
     "write_tiff",
 ]
@@ -39,6 +46,15 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """File suffixes this module reads (matched case-insensitively)."""
+
+INTENSITY_MODES = ("percentile", "dtype")
+"""How :func:`scale_intensity` maps raw pixels to [0, 1] (``DataConfig.intensity``, model.json)."""
+INTENSITY_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+"""Percentiles mapped to 0 and 1 by the ``"percentile"`` mode (pretrain records them in encoder.json
+as ``"percentile_0.5_99.5"``)."""
+INTENSITY_SAMPLE_PIXELS = 1 << 22
+"""Images with more pixels get their percentiles from an ``[::s, ::s]`` subsample of at most about
+this many pixels (:func:`intensity_sample_stride`)."""
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as Pillow's "L" conversion
@@ -154,6 +170,106 @@ def to_float(image: np.ndarray) -> np.ndarray:
     if np.issubdtype(image.dtype, np.floating):
         return np.clip(image.astype(np.float32), 0.0, 1.0)
     raise TypeError(f"to_float: unsupported dtype {image.dtype}")
+
+
+# --- intensity scaling --------------------------------------------------------------------------
+
+
+def canonical_intensity(spec: str) -> str:
+    """An intensity setting in canonical form: ``"dtype"``, ``"percentile"`` (the default
+    percentiles; pretrain's ``"percentile_0.5_99.5"`` is the same) or ``"percentile_LO_HI"``.
+
+    Raises ValueError naming the accepted values.
+    """
+    text = str(spec).strip().lower()
+    if text == "dtype":
+        return "dtype"
+    _, percentiles = _parse_intensity(text)
+    return "percentile" if percentiles == INTENSITY_PERCENTILES else text
+
+
+def _parse_intensity(spec: str, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+                     ) -> tuple[str, tuple[float, float]]:
+    """``spec`` -> ``(mode, percentiles)``; ``"percentile_LO_HI"`` overrides ``percentiles``."""
+    text = str(spec).strip().lower()
+    if text in INTENSITY_MODES:
+        return text, (float(percentiles[0]), float(percentiles[1]))
+    if text.startswith("percentile_"):
+        parts = text[len("percentile_"):].split("_")
+        try:
+            lo, hi = (float(v) for v in parts)
+        except ValueError:
+            lo, hi = -1.0, -1.0
+        if 0.0 <= lo < hi <= 100.0:
+            return "percentile", (lo, hi)
+    raise ValueError(f"intensity must be 'percentile' (per-image {INTENSITY_PERCENTILES[0]:g}/"
+                     f"{INTENSITY_PERCENTILES[1]:g} percentile stretch), 'percentile_LO_HI' or 'dtype' "
+                     f"(divide by the dtype's maximum), got {spec!r}")
+
+
+def intensity_sample_stride(height: int, width: int, max_pixels: int = INTENSITY_SAMPLE_PIXELS) -> int:
+    """Row and column stride ``s`` so that ``image[::s, ::s]`` has at most about ``max_pixels``."""
+    return max(1, math.ceil(math.sqrt(height * width / max_pixels)))
+
+
+def intensity_range(image: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+                    ) -> tuple[float, float]:
+    """Values of ``image`` at ``percentiles``: ``(lo, hi)`` for :func:`scale_intensity`.
+
+    Integer images up to 16 bits use nearest-rank percentiles from a histogram (O(pixels), no
+    sort), other dtypes ``np.nanpercentile``. Images (``H x W`` or ``H x W x C``) larger than
+    :data:`INTENSITY_SAMPLE_PIXELS` are subsampled ``[::s, ::s]`` first
+    (:func:`intensity_sample_stride`). When the percentiles coincide the range widens to the
+    sample's min/max; a constant image gives ``lo == hi``.
+    """
+    image = np.asarray(image)
+    if image.size == 0:
+        raise ValueError("empty image")
+    if image.ndim >= 2:
+        stride = intensity_sample_stride(image.shape[0], image.shape[1])
+        if stride > 1:
+            image = image[::stride, ::stride]
+    flat = image.reshape(-1)
+    if flat.dtype == bool:
+        flat = flat.view(np.uint8)
+    q = np.asarray(percentiles, dtype=np.float64) / 100.0
+    if flat.dtype in (np.uint8, np.uint16):
+        cdf = np.cumsum(np.bincount(flat, minlength=256))
+        ranks = np.clip(np.ceil(q * flat.size).astype(np.int64), 1, flat.size)
+        lo, hi = (float(v) for v in np.searchsorted(cdf, ranks))
+    else:
+        lo, hi = (float(v) for v in np.nanpercentile(flat.astype(np.float64), 100.0 * q))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("image has no finite values")
+    if hi <= lo:
+        finite = flat if flat.dtype.kind in "biu" else flat[np.isfinite(flat)]
+        lo, hi = float(finite.min()), float(finite.max())
+    return lo, hi
+
+
+def scale_intensity(image: np.ndarray, mode: str = "percentile",
+                    percentiles: tuple[float, float] = INTENSITY_PERCENTILES, *,
+                    value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Raw pixels -> float32 in [0, 1]; the one intensity mapping of pretraining and segmentation.
+
+    ``mode="percentile"``: per-image robust stretch ``(x - lo) / (hi - lo)`` clipped to [0, 1],
+    ``lo, hi`` = :func:`intensity_range` at ``percentiles`` (percentiles that coincide widen to
+    min/max; a constant image gives zeros), the same for 8-bit, 16-bit and float data and
+    insensitive to brightness/contrast offsets between microscopes. ``value_range=(lo, hi)`` skips
+    the percentile computation (e.g. a range computed once for a whole image streamed in tiles).
+    ``"percentile_LO_HI"`` (as pretrain's encoder.json writes it) sets the percentiles.
+    ``mode="dtype"``: :func:`to_float` (integers divided by their dtype's maximum, floats clipped).
+    """
+    kind, percentiles = _parse_intensity(mode, percentiles)
+    if kind == "dtype":
+        return to_float(image)
+    image = np.asarray(image)
+    lo, hi = value_range if value_range is not None else intensity_range(image, percentiles)
+    if not hi > lo:  # constant image (or a degenerate given range)
+        return np.zeros(image.shape, np.float32)
+    out = np.asarray(image, dtype=np.float32) - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def write_tiff(path: str | os.PathLike[str], image: np.ndarray,

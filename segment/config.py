@@ -62,9 +62,20 @@ class DataConfig:
     in_chans: int = 1
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.25])
+    # raw pixels -> [0, 1] before mean/std (pretrain.io.scale_intensity): "percentile" = per-image
+    # 0.5/99.5 percentile stretch, as pretraining does; "dtype" = divide by the dtype's maximum
+    intensity: str = "percentile"
     synthetic: Optional[str] = None  # superalloy | coating: generate a NASA-layout set into the run
     synthetic_size: int = 256
     num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        from pretrain.io import canonical_intensity
+
+        try:
+            self.intensity = canonical_intensity(self.intensity)
+        except ValueError as e:
+            raise ValueError(f"data.intensity: {e}") from None
 
 
 @dataclass

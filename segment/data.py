@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from pretrain.io import IMAGE_SUFFIXES, list_images, read_micrograph, read_raw, to_float
+from pretrain.io import (
+    IMAGE_SUFFIXES, canonical_intensity, list_images, read_micrograph, read_raw, scale_intensity,
+)
 
 __all__ = [
     "CLASS_MAPS",
@@ -630,7 +632,9 @@ def eval_transform() -> A.Compose:
 class SegmentationDataset(Dataset[dict[str, Any]]):
     """Image/mask pairs as ``{"image": float C x H x W, "mask": long H x W, "index": int}``.
 
-    Images are read as gray, scaled to [0, 1] with ``pretrain.io.to_float``, augmented jointly
+    Images are read as gray, scaled to [0, 1] with ``pretrain.io.scale_intensity`` in mode
+    ``intensity`` (``"percentile"``: per-image 0.5/99.5 percentile stretch, as pretraining;
+    ``"dtype"``: divided by the dtype's maximum), augmented jointly
     with their encoded masks by ``transform`` (an albumentations pipeline, or any callable taking
     ``image=``, ``mask=`` and returning a dict of both), repeated to ``in_chans`` channels and
     normalised with ``mean``/``std``. With ``cache`` every pair is loaded and checked once, up
@@ -642,7 +646,11 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
     def __init__(self, pairs: Sequence[Pair], class_map: ClassMap | str | Mapping[str, Any], *,
                  in_chans: int = 1, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.25,),
                  transform: Callable[..., dict[str, Any]] | None = None, cache: bool = True,
-                 samples_per_epoch: int | None = None) -> None:
+                 samples_per_epoch: int | None = None, intensity: str = "percentile") -> None:
+        try:
+            self.intensity = canonical_intensity(intensity)
+        except ValueError as e:
+            raise ValueError(f"SegmentationDataset: {e}") from None
         self.pairs: list[Pair] = [(Path(i), Path(m)) for i, m in pairs]
         if not self.pairs:
             raise ValueError("SegmentationDataset: no image/mask pairs given")
@@ -692,7 +700,7 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         if index in self._cache:
             return self._cache[index]
         image_path, mask_path = self.pairs[index]
-        image = to_float(read_micrograph(image_path, gray=True).image)
+        image = scale_intensity(read_micrograph(image_path, gray=True).image, self.intensity)
         label = self.class_map.encode(read_raw(mask_path), mask_path)
         if image.shape[:2] != label.shape[:2]:
             raise ValueError(f"image and mask sizes differ: {image_path} is {image.shape[0]}x"

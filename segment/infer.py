@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pretrain.io import canonical_intensity, scale_intensity
+
 __all__ = [
     "compute_steps",
     "tile_origins",
@@ -196,6 +198,10 @@ class Predictor:
         amp_dtype: autocast dtype (e.g. ``torch.bfloat16``) or None for full precision.
         mean, std: per-channel normalisation used by :meth:`predict_image`; ``len(mean)`` is the
             model's input channel count.
+        intensity: how :meth:`scale` maps raw pixels to [0, 1] before ``mean``/``std``
+            (:func:`pretrain.io.scale_intensity`): ``"percentile"`` (per-image robust stretch) or
+            ``"dtype"`` (divide by the dtype's maximum; the default, for checkpoints whose
+            model.json predates the ``intensity`` key). Must be what the model was trained with.
         progress: show a tqdm bar over tile batches.
     """
 
@@ -212,6 +218,7 @@ class Predictor:
         amp_dtype: torch.dtype | None = None,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.25,),
+        intensity: str = "dtype",
         progress: bool = False,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
@@ -234,6 +241,7 @@ class Predictor:
         self.amp_dtype = amp_dtype
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.intensity = canonical_intensity(intensity)
         self.progress = progress
         self.model = model.to(self.device).eval()
         self.meta: dict[str, Any] = {}
@@ -243,11 +251,13 @@ class Predictor:
         """Build from a fine-tuned checkpoint folder (``segment.checkpoint.load_model``).
 
         ``tile_size``, ``mean`` and ``std`` come from the checkpoint's metadata unless given in
-        ``settings``; the metadata is kept on ``predictor.meta``.
+        ``settings``, ``intensity`` too (``"dtype"`` when the metadata has none: checkpoints from
+        before the key existed were trained that way); the metadata is kept on ``predictor.meta``.
         """
         from segment.checkpoint import load_model
 
         model, meta = load_model(path)
+        settings.setdefault("intensity", meta.get("intensity", "dtype"))
         for key in ("tile_size", "mean", "std"):
             if key not in settings:
                 if key not in meta:
@@ -350,6 +360,12 @@ class Predictor:
         """Argmax class indices (uint8 ``H x W``) of a normalised ``C x H x W`` image."""
         return _argmax_uint8(self.predict_logits(image))
 
+    def scale(self, image: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """Raw pixels (native dtype) -> float32 in [0, 1] with this predictor's ``intensity``
+        (:func:`pretrain.io.scale_intensity`; ``value_range`` fixes the percentile range, e.g. one
+        computed for a whole streamed image)."""
+        return scale_intensity(image, self.intensity, value_range=value_range)
+
     def normalize(self, image: np.ndarray) -> Tensor:
         """``H x W`` or ``H x W x C`` float image in [0, 1] -> normalised ``C x H x W`` tensor.
 
@@ -377,12 +393,13 @@ class Predictor:
     def predict_image(
         self, image: np.ndarray, return_probs: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Segment a float image in [0, 1] (``H x W`` or ``H x W x C``).
+        """Segment a raw image (``H x W`` or ``H x W x C``, native dtype, or float in [0, 1]).
 
-        Returns uint8 ``H x W`` labels and, if ``return_probs``, float32 ``K x H x W`` softmax
-        probabilities (else None).
+        The image is scaled with :meth:`scale` (the training ``intensity``), then normalised with
+        :meth:`normalize`. Returns uint8 ``H x W`` labels and, if ``return_probs``, float32
+        ``K x H x W`` softmax probabilities (else None).
         """
-        logits = self.predict_logits(self.normalize(image))
+        logits = self.predict_logits(self.normalize(self.scale(image)))
         labels = _argmax_uint8(logits)
         probs = torch.softmax(logits, dim=0).numpy() if return_probs else None
         return labels, probs
