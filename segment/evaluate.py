@@ -50,16 +50,17 @@ def evaluate_image(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read, segment and score one image.
 
-    Returns ``(cm, image, truth, pred)``: the confusion matrix, the float image in [0, 1], and the
-    uint8 truth and predicted label maps. Raises on unreadable files or mismatched sizes.
+    Returns ``(cm, image, truth, pred)``: the confusion matrix, the image scaled to [0, 1] as in
+    training (``predictor.scale``, its ``intensity``), and the uint8 truth and predicted label maps.
+    Raises on unreadable files or mismatched sizes.
     """
-    from pretrain.io import read_micrograph, read_raw, to_float
+    from pretrain.io import read_micrograph, read_raw
 
-    image = to_float(read_micrograph(image_path, gray=True).image)
+    image = predictor.scale(read_micrograph(image_path, gray=True).image)
     truth = np.asarray(class_map.encode(read_raw(mask_path), mask_path))
     if truth.shape != image.shape[:2]:
         raise ValueError(f"mask {mask_path} is {truth.shape}, image is {image.shape[:2]}")
-    pred, _ = predictor.predict_image(image)
+    pred = predictor.predict_labels(predictor.normalize(image))
     return confusion_matrix(pred, truth, len(class_map.names)), image, truth, pred
 
 
@@ -200,7 +201,7 @@ def _settings(predictor: Predictor) -> str:
     tile = f"{th}" if th == tw else f"{th}x{tw}"
     return (f"tile {tile}, overlap {predictor.overlap:g}, "
             f"{'Gaussian' if predictor.gaussian else 'uniform'} weights, "
-            f"TTA {'8 flips/rotations' if predictor.tta else 'off'}")
+            f"TTA {'8 flips/rotations' if predictor.tta else 'off'}, intensity {predictor.intensity}")
 
 
 def format_summary_md(results: Mapping[str, dict[str, Any]], names: Sequence[str], settings: str = "") -> str:
@@ -289,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
     predictor = Predictor.from_checkpoint(args.checkpoint, overlap=args.overlap, tta=args.tta,
                                           batch_size=args.batch_size, device=device, amp_dtype=amp)
-    meta = predictor.meta
+    meta = predictor.meta  # from_checkpoint took intensity=meta.get("intensity", "dtype")
     spec = args.class_map if args.class_map is not None else meta.get("class_map")
     if spec is None:
         raise SystemExit("the checkpoint names no class map: pass --class-map")

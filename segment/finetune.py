@@ -102,12 +102,55 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]
     if cfg.model.encoder_weights:
         from segment.weights import load_model_encoders
 
+        for branch, source in dict(cfg.model.encoder_weights).items():
+            check_encoder_intensity(branch, source, cfg.data.intensity)
         load_model_encoders(model, dict(cfg.model.encoder_weights), allow_mismatch=cfg.model.allow_mismatch)
     if cfg.model.init_decoder:
         if not hasattr(model, "init_decoder_from_encoder"):
             raise ValueError(f"model.init_decoder=true but {cfg.model.name} has no Swin decoder to initialise")
         model.init_decoder_from_encoder()
     return model, kwargs
+
+
+def export_intensity(source: str | os.PathLike[str]) -> str | None:
+    """The ``intensity`` recorded in the pretrain export json beside ``source`` (an export folder or
+    its ``encoder.safetensors``), or None when there is none (other checkpoint formats, URLs)."""
+    from segment.weights import ENCODER_META
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        meta_path = path / ENCODER_META
+    elif path.suffix == ".safetensors":
+        meta_path = path.with_suffix(".json")
+    else:
+        return None
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # read_checkpoint reports a broken export when loading the weights
+    value = meta.get("intensity") if isinstance(meta, dict) else None
+    return str(value) if value is not None else None
+
+
+def check_encoder_intensity(branch: str, source: str | os.PathLike[str], intensity: str) -> bool:
+    """Warn when a pretrain export was trained on intensities scaled unlike ``data.intensity``;
+    True when they agree or the export does not say."""
+    from pretrain.io import canonical_intensity
+
+    recorded = export_intensity(source)
+    if recorded is None:
+        return True
+    try:
+        same = canonical_intensity(recorded) == canonical_intensity(intensity)
+    except ValueError:
+        same = False
+    if not same:
+        log.warning("encoder %r from %s was pretrained with intensity %r but data.intensity is %r: the "
+                    "encoder sees differently scaled inputs (set data.intensity to match)",
+                    branch, source, recorded, intensity)
+    return same
 
 
 def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
@@ -228,8 +271,10 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     train_ds = SegmentationDataset(
         data.train_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std,
         transform=train_transform(cfg.data.crop_size, strength=cfg.data.augment, seed=cfg.train.seed), samples_per_epoch=n_samples,
+        intensity=cfg.data.intensity,
     )
-    val_ds = SegmentationDataset(data.val_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std)
+    val_ds = SegmentationDataset(data.val_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std,
+                                 intensity=cfg.data.intensity)
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
 
@@ -256,7 +301,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
         model=cfg.model.name, model_kwargs=model_kwargs, class_names=list(cm.names),
         colors=[list(c) for c in cm.overlay_colors], class_map=cm.to_dict(),
         tile_size=cfg.data.crop_size, in_chans=cfg.data.in_chans, mean=list(mean), std=list(std),
-        encoder_weights=dict(cfg.model.encoder_weights), train_images=[p[0].name for p in data.train_pairs],
+        intensity=cfg.data.intensity, encoder_weights=dict(cfg.model.encoder_weights), train_images=[p[0].name for p in data.train_pairs],
     )
 
     # ---- resume
@@ -385,7 +430,8 @@ def evaluate_best(out: Path, data: Data, cfg: FinetuneConfig, device) -> dict:
 
     model, meta = load_model(out / "best")
     predictor = Predictor(model, tile_size=meta["tile_size"], overlap=cfg.train.tile_overlap, tta=cfg.train.tta,
-                          batch_size=cfg.train.batch_size, device=device, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+                          batch_size=cfg.train.batch_size, device=device, mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+                          intensity=meta.get("intensity", "dtype"))
     return evaluate_sets(predictor, data.test_sets, data.class_map, out / "eval", overlays=True,
                          max_overlays=cfg.overlays)
 

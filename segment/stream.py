@@ -11,6 +11,14 @@ accumulators, the input window; :func:`accumulator_bytes`) plus the uint8 label 
 float state grows with the image width, not its area. The result equals ``Predictor.predict_logits`` (same tiles, same
 order of summation, same batches).
 
+Intensity: the predictor's ``intensity`` (the one it was trained with) maps raw pixels to [0, 1]
+with :func:`pretrain.io.scale_intensity`. ``"dtype"`` is per pixel. For ``"percentile"`` the
+0.5/99.5 percentiles are computed *once per image* by :func:`source_intensity_range` from a strided
+read of the source (``[::s, ::s]`` with at most about 4M pixels, read band by band, so memory stays
+bounded), and every band of rows is then mapped with that one fixed linear map: tiles never get
+their own stretch. The subsample is the one ``scale_intensity`` takes for a whole image in memory,
+so a streamed image is scaled exactly like ``Predictor.predict_image`` scales it.
+
 Inputs are read row by row through a :class:`RowSource`: an uncompressed TIFF is memory-mapped,
 a striped or tiled compressed TIFF is decoded one chunk row at a time, anything else is read
 whole in its native dtype (still ``1/(4K)`` of the float map). ``open_source`` picks one.
@@ -35,7 +43,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pretrain.io import ImageReadError, read_micrograph, read_pixel_size_nm, to_float
+from pretrain.io import (
+    ImageReadError, intensity_range, intensity_sample_stride, read_micrograph, read_pixel_size_nm, to_float,
+)
 from segment.infer import Origin, Predictor, _pad_to, accumulate_tiles, tile_origins
 
 __all__ = [
@@ -49,6 +59,7 @@ __all__ = [
     "iter_logit_rows",
     "predict_stream",
     "thumbnail",
+    "source_intensity_range",
     "probabilities_uint8",
     "accumulator_bytes",
 ]
@@ -277,9 +288,27 @@ def thumbnail(source: RowSource, max_side: int = 2048, band: int = 1024) -> tupl
     """
     h, w = source.shape
     stride = max(1, math.ceil(max(h, w) / max_side))
+    return to_float(_strided(source, stride, band)), stride
+
+
+def _strided(source: RowSource, stride: int, band: int = 1024) -> np.ndarray:
+    """``image[::stride, ::stride]`` in the source's dtype, read ``band`` rows at a time."""
+    h = source.shape[0]
     band = max(stride, band - band % stride)
-    parts = [to_float(source.rows(y, min(y + band, h))[::stride, ::stride]) for y in range(0, h, band)]
-    return np.concatenate(parts), stride
+    return np.concatenate([source.rows(y, min(y + band, h))[::stride, ::stride] for y in range(0, h, band)])
+
+
+def source_intensity_range(source: RowSource, percentiles: tuple[float, float] | None = None,
+                           band: int = 1024) -> tuple[float, float]:
+    """Percentile range ``(lo, hi)`` of a whole streamed image for ``scale_intensity(value_range=)``.
+
+    Reads ``[::s, ::s]`` (``s`` from :func:`pretrain.io.intensity_sample_stride`, so at most about
+    4M pixels are held) band by band and applies :func:`pretrain.io.intensity_range`; that is the
+    subsample ``intensity_range`` itself takes of the whole image, so the result is identical.
+    """
+    h, w = source.shape
+    sample = _strided(source, intensity_sample_stride(h, w), band)
+    return intensity_range(sample) if percentiles is None else intensity_range(sample, percentiles)
 
 
 # ----------------------------------------------------------------------------- band geometry
@@ -322,6 +351,8 @@ class _InputWindow:
     def __init__(self, predictor: Predictor, source: RowSource) -> None:
         self.predictor, self.source = predictor, source
         self.h, self.w = source.shape
+        # one intensity map for the whole image (percentiles from a strided read), not one per band
+        self.value_range = source_intensity_range(source) if predictor.intensity != "dtype" else None
         self.tile_hw = predictor.tile_hw
         self.y0 = self.y1 = 0
         self.buf: Tensor | None = None
@@ -330,7 +361,7 @@ class _InputWindow:
             self.y1 = self.buf.shape[-2]
 
     def _read(self, a: int, b: int, pad: bool = True) -> Tensor:
-        x = self.predictor.normalize(to_float(self.source.rows(a, b)))
+        x = self.predictor.normalize(self.predictor.scale(self.source.rows(a, b), self.value_range))
         return _pad_to(x, (0, self.tile_hw[1])) if pad else x
 
     def get(self, a: int, b: int) -> Tensor:
@@ -425,7 +456,8 @@ def predict_stream(
     """Argmax labels (uint8 ``H x W``) of a whole micrograph with bounded memory.
 
     ``source`` is a :class:`RowSource` or an ``H x W`` (``H x W x C``) array in its native dtype
-    (converted with :func:`pretrain.io.to_float`, normalised by the predictor). Labels go into
+    (scaled with the predictor's ``intensity``, one map for the whole image, and normalised by the
+    predictor; see the module docstring). Labels go into
     ``labels_out`` (any ``H x W`` uint8 array, e.g. a ``np.memmap``; allocated if None), and, if
     ``probs_out`` (``K x H x W`` uint8) is given, the softmax probabilities times 255.
     """
