@@ -37,6 +37,7 @@ __all__ = [
     "canonical_intensity",
     "intensity_range",
     "intensity_sample_stride",
+    "parse_intensity",
     "scale_intensity",
     "to_float",
     "write_tiff",
@@ -184,13 +185,14 @@ def canonical_intensity(spec: str) -> str:
     text = str(spec).strip().lower()
     if text == "dtype":
         return "dtype"
-    _, percentiles = _parse_intensity(text)
+    _, percentiles = parse_intensity(text)
     return "percentile" if percentiles == INTENSITY_PERCENTILES else text
 
 
-def _parse_intensity(spec: str, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+def parse_intensity(spec: str, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
                      ) -> tuple[str, tuple[float, float]]:
-    """``spec`` -> ``(mode, percentiles)``; ``"percentile_LO_HI"`` overrides ``percentiles``."""
+    """An intensity setting -> ``(mode, percentiles)`` with mode ``"percentile"`` or ``"dtype"``;
+    ``"percentile_LO_HI"`` (pretrain's encoder.json form) overrides ``percentiles``."""
     text = str(spec).strip().lower()
     if text in INTENSITY_MODES:
         return text, (float(percentiles[0]), float(percentiles[1]))
@@ -260,7 +262,7 @@ def scale_intensity(image: np.ndarray, mode: str = "percentile",
     ``"percentile_LO_HI"`` (as pretrain's encoder.json writes it) sets the percentiles.
     ``mode="dtype"``: :func:`to_float` (integers divided by their dtype's maximum, floats clipped).
     """
-    kind, percentiles = _parse_intensity(mode, percentiles)
+    kind, percentiles = parse_intensity(mode, percentiles)
     if kind == "dtype":
         return to_float(image)
     image = np.asarray(image)

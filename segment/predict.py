@@ -590,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     device=device, amp_dtype=amp, progress=False)
     if args.tile_size:
         settings["tile_size"] = args.tile_size
-    try:
+    try:  # intensity scaling: the checkpoint's meta["intensity"] ("dtype" when absent), as trained
         predictor = Predictor.from_checkpoint(args.checkpoint, **settings)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise SystemExit(f"cannot load checkpoint {args.checkpoint}: {exc}") from None
@@ -618,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checkpoint": args.checkpoint, "model": predictor.meta.get("model", "?"),
         "tile": "x".join(map(str, predictor.tile_hw)), "overlap": predictor.overlap,
         "gaussian blending": predictor.gaussian, "tta": predictor.tta, "batch size": predictor.batch_size,
+        "intensity": predictor.intensity,
         "device": device, "amp": args.amp or "off",
     }
     from tqdm.contrib.logging import logging_redirect_tqdm

@@ -44,7 +44,14 @@ import torch
 from torch import Tensor
 
 from pretrain.io import (
-    ImageReadError, intensity_range, intensity_sample_stride, read_micrograph, read_pixel_size_nm, to_float,
+    INTENSITY_PERCENTILES,
+    ImageReadError,
+    intensity_range,
+    intensity_sample_stride,
+    parse_intensity,
+    read_micrograph,
+    read_pixel_size_nm,
+    to_float,
 )
 from segment.infer import Origin, Predictor, _pad_to, accumulate_tiles, tile_origins
 
@@ -298,7 +305,7 @@ def _strided(source: RowSource, stride: int, band: int = 1024) -> np.ndarray:
     return np.concatenate([source.rows(y, min(y + band, h))[::stride, ::stride] for y in range(0, h, band)])
 
 
-def source_intensity_range(source: RowSource, percentiles: tuple[float, float] | None = None,
+def source_intensity_range(source: RowSource, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
                            band: int = 1024) -> tuple[float, float]:
     """Percentile range ``(lo, hi)`` of a whole streamed image for ``scale_intensity(value_range=)``.
 
@@ -308,7 +315,7 @@ def source_intensity_range(source: RowSource, percentiles: tuple[float, float] |
     """
     h, w = source.shape
     sample = _strided(source, intensity_sample_stride(h, w), band)
-    return intensity_range(sample) if percentiles is None else intensity_range(sample, percentiles)
+    return intensity_range(sample, percentiles)
 
 
 # ----------------------------------------------------------------------------- band geometry
@@ -352,7 +359,8 @@ class _InputWindow:
         self.predictor, self.source = predictor, source
         self.h, self.w = source.shape
         # one intensity map for the whole image (percentiles from a strided read), not one per band
-        self.value_range = source_intensity_range(source) if predictor.intensity != "dtype" else None
+        mode, percentiles = parse_intensity(predictor.intensity)
+        self.value_range = source_intensity_range(source, percentiles) if mode == "percentile" else None
         self.tile_hw = predictor.tile_hw
         self.y0 = self.y1 = 0
         self.buf: Tensor | None = None

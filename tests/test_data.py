@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pretrain.io import ImageReadError, read_raw, write_tiff
+from pretrain.io import ImageReadError, read_raw, scale_intensity, write_tiff
 from segment import data as sd
 from segment.data import (
     CLASS_MAPS, ClassMap, MaskError, MicrographCLAHE, SegmentationDataset, few_shot, find_pairs,
@@ -274,7 +274,8 @@ def _ebc_pairs(tmp_path: Path, n: int = 2, shape: tuple[int, int] = (20, 24)) ->
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_dataset_items(tmp_path: Path, in_chans: int) -> None:
     pairs = _ebc_pairs(tmp_path)
-    ds = SegmentationDataset(pairs, "ebc", in_chans=in_chans, mean=(0.5,), std=(0.25,))
+    # intensity="dtype": the scaling that was the default before data.intensity existed
+    ds = SegmentationDataset(pairs, "ebc", in_chans=in_chans, mean=(0.5,), std=(0.25,), intensity="dtype")
     assert len(ds) == 2 and ds.paths == [p[0] for p in pairs]
     item = ds[1]
     assert item["image"].shape == (in_chans, 20, 24) and item["image"].dtype == torch.float32
@@ -291,6 +292,27 @@ def test_dataset_items(tmp_path: Path, in_chans: int) -> None:
     items = [crops[i] for i in range(5)]
     assert {it["index"] for it in items} == {0}
     assert all(it["image"].shape == (in_chans, 16, 16) and it["mask"].shape == (16, 16) for it in items)
+
+
+def test_dataset_intensity_modes(tmp_path: Path) -> None:
+    """16-bit image using a narrow band of levels plus a hot pixel: "dtype" keeps it dark and
+    flat, "percentile" (the default, as pretraining) stretches it to [0, 1] ignoring the hot pixel."""
+    raw = np.linspace(1000, 3000, 20 * 24).astype(np.uint16).reshape(20, 24)
+    raw[0, 0] = 65535
+    image = write_tiff(tmp_path / "a.tif", raw)
+    mask = write_tiff(tmp_path / "a_mask.tif", np.zeros((20, 24), np.uint8))
+    by_dtype = SegmentationDataset([(image, mask)], "ebc", intensity="dtype", mean=(0.0,), std=(1.0,))
+    by_pct = SegmentationDataset([(image, mask)], "ebc", mean=(0.0,), std=(1.0,))
+    assert by_pct.intensity == "percentile"
+    np.testing.assert_allclose(by_dtype.images[0], raw / 65535, rtol=1e-6)
+    np.testing.assert_array_equal(by_pct.images[0], scale_intensity(raw, "percentile"))
+    stretched = by_pct[0]["image"][0]
+    assert stretched.min() == 0 and stretched.max() == 1 and 0.4 < float(stretched.median()) < 0.6
+    assert float(by_dtype[0]["image"][0].median()) < 0.05
+    # pretrain's encoder.json spelling is understood; anything else is a clear error
+    assert SegmentationDataset([(image, mask)], "ebc", intensity="percentile_0.5_99.5").intensity == "percentile"
+    with pytest.raises(ValueError, match="intensity must be"):
+        SegmentationDataset([(image, mask)], "ebc", intensity="minmax")
 
 
 def test_dataset_reseeds_augmentation_per_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,6 +47,7 @@ def test_finetune_writes_run_folder(tmp_path):
 
     model, meta = load_model(run)
     assert meta["class_names"] == ["matrix", "secondary", "tertiary"]
+    assert meta["intensity"] == "percentile"  # data.intensity default, read back by Predictor.from_checkpoint
     assert len(ft.read_history(run / "history.csv")) == 2
 
 
@@ -92,3 +93,27 @@ def test_bad_enum_value_is_an_error(tmp_path):
     with pytest.raises((ConfigCompositionException, ValidationError)) as e:
         make_cfg(tmp_path, "train.loss=focal")
     assert "loss" in str(e.value) + str(e.value.__cause__)
+
+
+def test_bad_intensity_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="data.intensity: intensity must be"):
+        make_cfg(tmp_path, "data.intensity=minmax")
+    assert make_cfg(tmp_path, "data.intensity=dtype").data.intensity == "dtype"
+
+
+def test_encoder_intensity_mismatch_warns(tmp_path, monkeypatch, caplog):
+    import segment.weights
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "encoder.safetensors").write_bytes(b"")
+    (export / "encoder.json").write_text(json.dumps({"timm_name": "resnet18", "intensity": "percentile_0.5_99.5"}))
+    assert ft.export_intensity(export) == ft.export_intensity(export / "encoder.safetensors") == "percentile_0.5_99.5"
+    assert ft.export_intensity(tmp_path / "plain.pth") is None
+    monkeypatch.setattr(segment.weights, "load_model_encoders", lambda *a, **k: {})  # no real weights here
+    for intensity, warns in (("percentile", False), ("dtype", True)):
+        caplog.clear()
+        cfg = make_cfg(tmp_path / "run", f"+model.encoder_weights.cnn={export}", f"data.intensity={intensity}")
+        with caplog.at_level("WARNING", logger="segment.finetune"):
+            ft.build_model(cfg, 3)
+        assert any("pretrained with intensity" in r.getMessage() for r in caplog.records) == warns

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from pretrain.io import scale_intensity, to_float
 from segment.infer import (
     Predictor,
     compute_steps,
@@ -214,6 +215,43 @@ def test_predict_image_normalises_with_mean_std():
     p3 = Predictor(Identity(), tile_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert p3.normalize(image).shape == (3, 40, 30)
     assert p.normalize(np.stack([image] * 3, -1)).shape == (1, 40, 30)
+
+
+@pytest.mark.parametrize("intensity", ["percentile", "dtype"])
+def test_predict_image_scales_raw_pixels_like_training(intensity):
+    """predict_image(raw) == labels of the manually scaled (scale_intensity) and normalised image."""
+    rng = np.random.default_rng(3)
+    raw = (1000 + 2000 * rng.random((50, 37))).astype(np.uint16)  # narrow 16-bit band
+    raw[5, 5] = 65535  # hot pixel
+    model = small_conv(k=3)
+    p = Predictor(model, tile_size=24, batch_size=3, mean=(0.5,), std=(0.25,), intensity=intensity)
+    assert p.intensity == intensity
+    labels, _ = p.predict_image(raw)
+    manual = (scale_intensity(raw, intensity) - 0.5) / 0.25
+    expected = p.predict_logits(torch.from_numpy(manual)[None]).argmax(0).numpy()
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(p.scale(raw), scale_intensity(raw, intensity))
+    if intensity == "percentile":  # brightness/contrast shifts do not change the prediction
+        shifted = (raw.astype(np.float64) * 0.5 + 7000).astype(np.uint16)
+        np.testing.assert_array_equal(p.scale(shifted), scale_intensity(shifted))
+    else:  # the default keeps the old behaviour: float [0, 1] input passes unchanged
+        assert Predictor(Identity(), tile_size=8).intensity == "dtype"
+        np.testing.assert_array_equal(p.scale(to_float(raw)), to_float(raw))
+
+
+def test_predictor_intensity_from_checkpoint_meta(tmp_path):
+    from segment.checkpoint import save_model
+    from segment.models import create_model
+
+    kwargs = dict(num_classes=2, in_chans=1, img_size=32)
+    meta = dict(model="unet_test", model_kwargs=kwargs, tile_size=32, in_chans=1, mean=[0.5], std=[0.25])
+    old = save_model(tmp_path / "old", create_model("unet_test", **kwargs), meta)
+    new = save_model(tmp_path / "new", create_model("unet_test", **kwargs), {**meta, "intensity": "percentile"})
+    assert Predictor.from_checkpoint(old).intensity == "dtype"  # no "intensity" key: trained that way
+    assert Predictor.from_checkpoint(new).intensity == "percentile"
+    assert Predictor.from_checkpoint(new, intensity="dtype").intensity == "dtype"
+    with pytest.raises(ValueError, match="intensity must be"):
+        Predictor(Identity(), tile_size=8, intensity="minmax")
 
 
 def test_predict_labels_and_errors():

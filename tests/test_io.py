@@ -10,10 +10,14 @@ from pretrain.io import (
     ImageReadError,
     Micrograph,
     MicrographWarning,
+    canonical_intensity,
+    intensity_range,
+    intensity_sample_stride,
     list_images,
     read_micrograph,
     read_pixel_size_nm,
     read_raw,
+    scale_intensity,
     to_float,
     write_tiff,
 )
@@ -220,6 +224,75 @@ def test_to_float_scales_by_dtype() -> None:
     np.testing.assert_allclose(to_float(np.array([-0.5, 0.25, 2.0], np.float64)), [0.0, 0.25, 1.0])
     np.testing.assert_allclose(to_float(np.array([-5, 2**31 - 1], np.int32)), [0.0, 1.0])
     assert to_float(np.zeros(3, np.uint16)).dtype == np.float32
+
+
+def test_scale_intensity_8_bit() -> None:
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    out = scale_intensity(ramp)
+    assert out.dtype == np.float32 and out.shape == ramp.shape and out.min() == 0 and out.max() == 1
+    lo, hi = intensity_range(ramp)
+    assert (lo, hi) == (1.0, 254.0)  # nearest-rank 0.5th / 99.5th percentiles of 256 levels
+    np.testing.assert_allclose(out, np.clip((ramp - 1.0) / 253.0, 0, 1), atol=1e-6)
+    np.testing.assert_array_equal(scale_intensity(ramp, "dtype"), to_float(ramp))
+    # a darker, lower-contrast copy (another microscope's settings) maps to nearly the same values
+    dim = (ramp // 2 + 20).astype(np.uint8)
+    assert np.abs(scale_intensity(dim) - out).max() < 0.01
+
+
+def test_scale_intensity_16_bit_hot_pixel() -> None:
+    ramp = np.linspace(1000, 3000, 1000).astype(np.uint16).reshape(20, 50)
+    ramp[0, 0] = 65535  # hot pixel: clipped to 1, does not set the scale
+    out = scale_intensity(ramp)
+    assert out.min() == 0 and out.max() == 1 and 0.45 < float(np.median(out)) < 0.55
+    lo, hi = intensity_range(ramp)
+    assert 1000 <= lo < 1020 and 2980 < hi <= 3000
+    np.testing.assert_array_equal(scale_intensity(ramp, value_range=(lo, hi)), out)
+    assert float(np.median(scale_intensity(ramp, "dtype"))) < 0.05  # dtype scaling stays dark
+
+
+def test_scale_intensity_constant_and_mostly_constant() -> None:
+    for image in (np.full((4, 4), 128, np.uint8), np.full((3, 5), 7, np.uint16),
+                  np.full((2, 2), 0.25, np.float32)):
+        out = scale_intensity(image)
+        assert out.dtype == np.float32 and not np.isnan(out).any() and (out == 0).all()
+    assert (scale_intensity(np.ones((4, 4)), value_range=(1.0, 1.0)) == 0).all()
+    # percentiles coincide (one bright pixel in 400): widened to min/max instead of zeros
+    sparse = np.zeros((20, 20), np.uint8)
+    sparse[3, 4] = 200
+    out = scale_intensity(sparse)
+    assert out[3, 4] == 1 and out.sum() == 1
+
+
+def test_scale_intensity_float_images() -> None:
+    rng = np.random.default_rng(0)
+    floats = rng.normal(size=(64, 64)).astype(np.float32)
+    out = scale_intensity(floats)
+    assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
+    lo, hi = np.percentile(floats.astype(np.float64), [0.5, 99.5])
+    np.testing.assert_allclose(out, np.clip((floats - lo) / (hi - lo), 0, 1), atol=1e-5)
+    # the stretch is invariant to linear changes of the input (brightness/contrast, bit depth)
+    np.testing.assert_allclose(scale_intensity(3.0 * floats + 10.0), out, atol=1e-5)
+    # "dtype" mode on floats clips, as to_float
+    np.testing.assert_array_equal(scale_intensity(floats, "dtype"), np.clip(floats, 0, 1))
+
+
+def test_scale_intensity_large_images_use_a_strided_sample() -> None:
+    assert intensity_sample_stride(2048, 2048) == 1 and intensity_sample_stride(4096, 4096) == 2
+    image = np.random.default_rng(1).integers(0, 4096, (4100, 4100)).astype(np.uint16)
+    assert intensity_range(image) == intensity_range(image[::3, ::3])  # stride 3 for 16.8M pixels
+
+
+def test_intensity_modes_and_errors() -> None:
+    assert canonical_intensity("percentile") == "percentile"
+    assert canonical_intensity("percentile_0.5_99.5") == "percentile"  # pretrain's encoder.json
+    assert canonical_intensity(" DTYPE ") == "dtype"
+    assert canonical_intensity("percentile_1_99") == "percentile_1_99"
+    ramp = np.arange(1000, dtype=np.float32).reshape(20, 50)
+    np.testing.assert_array_equal(scale_intensity(ramp, "percentile_1_99"),
+                                  scale_intensity(ramp, "percentile", (1.0, 99.0)))
+    for bad in ("minmax", "percentile_99_1", "percentile_x_y", ""):
+        with pytest.raises(ValueError, match="intensity must be"):
+            scale_intensity(ramp, bad)
 
 
 def test_list_images_sorted_recursive_case_insensitive(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import tifffile
 import torch
 from torch import nn
 
-from pretrain.io import read_micrograph, to_float, write_tiff
+from pretrain.io import intensity_range, read_micrograph, scale_intensity, to_float, write_tiff
 from segment.infer import Predictor, compute_steps
 from segment.stream import (
     ArraySource,
@@ -16,6 +16,7 @@ from segment.stream import (
     open_source,
     plan_bands,
     predict_stream,
+    source_intensity_range,
     thumbnail,
 )
 
@@ -167,6 +168,29 @@ def test_identity_through_compressed_tiff_stream(tmp_path, u16_image):
         p = Predictor(Identity(), tile_size=64, batch_size=5, mean=(0.0,), std=(1.0,))
         out = stream_logits(p, src)
     np.testing.assert_allclose(out[0].numpy(), to_float(u16_image), rtol=1e-5, atol=1e-6)
+
+
+def test_percentile_stream_uses_one_range_per_image(tmp_path, u16_image):
+    """Percentile mode: one range from a strided read of the whole image, applied to every band, so
+    the stream equals Predictor on the whole image scaled at once (not a stretch per tile)."""
+    raw = (u16_image // 8 + 1000).astype(np.uint16)
+    raw[7, 9] = 65535  # hot pixel
+    path = write_tiff(tmp_path / "a.tif", raw)  # deflate: chunk decoding
+    p = Predictor(Identity(), tile_size=64, batch_size=5, mean=(0.0,), std=(1.0,), intensity="percentile")
+    with open_source(path) as src:
+        assert source_intensity_range(src) == intensity_range(raw)
+        out = stream_logits(p, src)
+    np.testing.assert_allclose(out[0].numpy(), scale_intensity(raw), rtol=1e-5, atol=1e-6)
+    model = small_conv(k=3)
+    p = Predictor(model, tile_size=48, batch_size=4, intensity="percentile")
+    labels = predict_stream(p, ArraySource(raw))
+    np.testing.assert_array_equal(labels, p.predict_image(raw)[0])
+
+
+def test_source_intensity_range_strided_for_large_images():
+    big = np.random.default_rng(6).integers(0, 60000, (4100, 4100)).astype(np.uint16)  # > 4M pixels
+    src = ArraySource(big)
+    assert source_intensity_range(src, band=1000) == intensity_range(big) == intensity_range(big[::3, ::3])
 
 
 def test_open_source_falls_back_for_png_and_colour(tmp_path, u16_image):

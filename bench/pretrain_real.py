@@ -1,0 +1,202 @@
+"""DINO pretraining of swin_lite on the real micrographs, k-NN curve on a disjoint labelled holdout.
+
+    nice -n 5 .venv/bin/python bench/pretrain_real.py --out runs/bench/pretrain_real
+
+Pretrain issue, acceptance item 2: pretrain on ``../shared/data/unlabeled`` plus the benchmark images
+(labels ignored) and report the k-NN accuracy curve on a labelled holdout (superalloy / coating /
+melt pool) against the same encoder at random initialisation.
+
+Method (everything generated goes under ``--out``; the real data are only read or linked):
+
+* corpus (labels ignored): ``unlabeled/meltpool/train`` (199 tiles of six slices) + ``nasa/Super1/{train,val}``
+  (14) + ``nasa/EBC1/{train,val}`` (19, 1024 px). Only Super1 and EBC1 are used: the Super1..4 and
+  EBC1..3 sets split one pool each, so another set's training images are Super1/EBC1 test images.
+  Sharded with ``python -m pretrain.shards`` (full frames); the loader tiles frames larger than
+  ``--max-side`` (512) randomly, so every material is seen at about the same pixel scale.
+* holdout (``OUT/holdout/{train,test}/<class>/``, symlinks; split per source image, so crops of one
+  frame never sit on both sides): ``superalloy`` = Super1/test (4 images: 2 bank, 2 query),
+  ``coating`` = EBC1/test (3 images: 2 bank, 1 query), ``meltpool`` = 4 tiles of
+  unlabeled/meltpool/validation (one slice never in the corpus; every 8th tile, 2048 px apart, no
+  overlap; alternately bank/query). ``load_holdout`` cuts each image into ``--knn-crops`` (16: a 4x4
+  grid) crops of ``--knn-crop`` (256) native pixels, resized to the global crop size: a balanced bank
+  of 32 crops per class and 32/16/32 queries.
+* ``python -m pretrain.main`` with DINO on ``swin_lite`` (global crops ``--global-size`` 128, local
+  ``--local-size`` 48), ``data.shards=OUT/shards knn.holdout=OUT/holdout``: k-NN top-1 (weighted
+  k-NN, k=20, DINO's protocol) at step 0 (random init), every ``--knn-every`` steps and at the end.
+* context: k-NN of randomly initialised swin_lite and resnet18 (BatchNorm refitted on the bank, as
+  the probe does) on the same holdout, seeds 0..2, no training.
+
+Prints markdown: the k-NN curve from ``OUT/run/metrics.csv`` (random init first) and the random-init
+baselines; writes them to ``OUT/table.md``. Rerunning resumes the run (``out`` is kept) and reprints.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CORPUS = ["unlabeled/meltpool/train", "nasa/Super1/train", "nasa/Super1/val", "nasa/EBC1/train", "nasa/EBC1/val"]
+HOLDOUT = {"superalloy": "nasa/Super1/test", "coating": "nasa/EBC1/test", "meltpool": "unlabeled/meltpool/validation"}
+IMAGE_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXT)
+
+
+def _meltpool_x(path: Path) -> int:
+    """Tile names are ``<slice>_<x0>_<y0>_<x1>_<y1>``: x offset of the tile along the slice."""
+    return int(path.stem.split("_")[-4])
+
+
+def build_holdout(data: Path, root: Path) -> dict[str, dict[str, list[str]]]:
+    """Symlink the holdout images into ``root/{train,test}/<class>/``; returns the file names per side."""
+    sides: dict[str, dict[str, list[Path]]] = {}
+    for cls, rel in HOLDOUT.items():
+        files = _images(data / rel)
+        if cls == "meltpool":
+            # overlapping 512 px tiles at a 256 px stride along one slice: take every 8th (no overlap)
+            files = sorted(files, key=_meltpool_x)[::8][:4]
+        sides[cls] = {"train": files[0::2], "test": files[1::2]}
+    listing: dict[str, dict[str, list[str]]] = {}
+    for cls, split in sides.items():
+        for side, files in split.items():
+            folder = root / side / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.iterdir():
+                stale.unlink()
+            for f in files:
+                (folder / f.name).symlink_to(f.resolve())
+            listing.setdefault(cls, {})[side] = [f.name for f in files]
+    return listing
+
+
+def run(cmd: list[str], log: Path | None = None) -> float:
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    if log is None:
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    else:
+        with log.open("a") as fh:
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    return time.time() - t0
+
+
+def random_init_baselines(holdout: Path, args, seeds=(0, 1, 2)) -> list[tuple[str, list[float]]]:
+    """k-NN top-1 of randomly initialised encoders on the holdout, same crops and probe as the run."""
+    import torch
+
+    from pretrain.encoders import build_encoder
+    from pretrain.knn import KnnProbe, load_holdout
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    h = load_holdout(holdout, crop_size=args.knn_crop, img_size=args.global_size, crops_per_image=args.knn_crops,
+                     max_images_per_class=40, in_chans=1, mean=0.5, std=0.25)
+    print(h.summary(), flush=True)
+    probe = KnnProbe(h, k=20, temperature=0.07)
+    out = []
+    for name in ("swin_lite", "resnet18"):
+        accs = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            encoder, _ = build_encoder(name, in_chans=1, img_size=args.global_size)
+            accs.append(probe(encoder, "cpu")["knn_top1"])
+        out.append((name, accs))
+        print(f"random-init {name}: " + ", ".join(f"{a:.3f}" for a in accs), flush=True)
+    return out
+
+
+def curve(metrics: Path, batch: int) -> list[tuple[int, float, float | None]]:
+    rows = list(csv.DictReader(metrics.open()))
+    minutes = {int(float(r["step"])): float(r["minutes"]) for r in rows if r.get("minutes")}
+    return [(int(float(r["step"])), float(r["knn_top1"]), minutes.get(int(float(r["step"]))))
+            for r in rows if r.get("knn_top1")]
+
+
+def tables(points, baselines, batch: int, n_query: int) -> str:
+    init = points[0][1]
+    lines = [f"| step | images seen | train min | k-NN top-1 ({n_query} queries) | vs random init |",
+             "|---:|---:|---:|---:|---:|"]
+    for step, acc, minutes in points:
+        label = f"{step} (random init)" if step == 0 else str(step)
+        lines.append(f"| {label} | {step * batch} | {'' if minutes is None else f'{minutes:.1f}'} | {acc:.3f} | "
+                     f"{acc - init:+.3f} |")
+    if baselines:
+        lines += ["", "| encoder, random init (no training) | k-NN top-1, seeds 0/1/2 | mean |", "|---|---|---:|"]
+        for name, accs in baselines:
+            lines.append(f"| {name} | {' / '.join(f'{a:.3f}' for a in accs)} | {statistics.mean(accs):.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "pretrain_real")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--steps-per-epoch", type=int, default=25)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--knn-every", type=int, default=25)
+    ap.add_argument("--global-size", type=int, default=128)
+    ap.add_argument("--local-size", type=int, default=48)
+    ap.add_argument("--n-local", type=int, default=4)
+    ap.add_argument("--max-side", type=int, default=512)
+    ap.add_argument("--knn-crop", type=int, default=256)
+    ap.add_argument("--knn-crops", type=int, default=16)
+    ap.add_argument("--no-baselines", action="store_true", help="skip the random-init swin_lite/resnet18 probes")
+    ap.add_argument("overrides", nargs="*", help="further pretrain.main overrides (after --)")
+    args = ap.parse_args()
+    data, out = args.data.resolve(), args.out.resolve()
+    missing = [p for p in CORPUS + list(HOLDOUT.values()) if not (data / p).is_dir()]
+    if missing:
+        sys.exit(f"missing under {data}: {missing}")
+    out.mkdir(parents=True, exist_ok=True)
+    print("load:", os.getloadavg(), flush=True)
+
+    holdout = out / "holdout"
+    for cls, sides in build_holdout(data, holdout).items():
+        print(f"holdout {cls}: bank {sides['train']}, queries {sides['test']}")
+
+    t_shards = run([sys.executable, "-m", "pretrain.shards", *(str(data / p) for p in CORPUS),
+                    "--out", str(out / "shards"), "--maxcount", "32", "--workers", "1", "--quiet"])
+
+    run_dir = out / "run"
+    overrides = [
+        "pretrain/data=shards", "pretrain/encoder=swin_lite", "pretrain/method=dino", f"out={run_dir}",
+        f"data.shards={out / 'shards'}", f"data.max_side={args.max_side}", "data.num_workers=1",
+        "data.shuffle_buffer=256",
+        f"data.views.global_size={args.global_size}", f"data.views.local_size={args.local_size}",
+        f"data.views.n_local={args.n_local}",
+        f"optim.batch_size={args.batch_size}", f"optim.epochs={args.epochs}",
+        f"optim.steps_per_epoch={args.steps_per_epoch}",
+        f"knn.holdout={holdout}", f"knn.every={args.knn_every}", f"knn.crop_size={args.knn_crop}",
+        f"knn.crops_per_image={args.knn_crops}", "knn.k=20",
+        "checkpoint.every=50", "log.every=5", "log.progress=false", *args.overrides,
+    ]
+    t_train = run([sys.executable, "-m", "pretrain.main", *overrides], log=out / "pretrain.log")
+
+    t0 = time.time()
+    baselines = [] if args.no_baselines else random_init_baselines(holdout, args)
+    t_base = time.time() - t0
+
+    from pretrain.knn import load_holdout
+
+    n_query = len(load_holdout(holdout, crop_size=args.knn_crop, img_size=args.global_size,
+                               crops_per_image=args.knn_crops).test_labels)
+    points = curve(run_dir / "metrics.csv", args.batch_size)
+    text = tables(points, baselines, args.batch_size, n_query)
+    text += (f"\n\nwall time: shards {t_shards:.0f} s, pretraining (incl. probes) {t_train / 60:.1f} min, "
+             f"random-init baselines {t_base:.0f} s; load {os.getloadavg()}")
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
