@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from segment.checkpoint import atomic_write_text, replace_dir, save_model
+from pretrain.checkpointing import Preemption
 from segment.config import FinetuneConfig, Schedule, register_configs
 
 log = logging.getLogger(__name__)
@@ -191,22 +191,6 @@ def lr_lambdas(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int):
 
 
 # ------------------------------------------------------------------------------------ training
-class Preemption:
-    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the next step and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("signal %d received: checkpointing at the next step", signum)
-        self.requested = True
-
-
 def validate(model: nn.Module, dataset, cfg: FinetuneConfig, device) -> dict[str, float]:
     """Sliding-window prediction on the full validation images; NASA IoU and per-class IoU."""
     from segment.infer import Predictor
@@ -326,7 +310,8 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-    preempt = Preemption()
+    preempt = Preemption(accelerator, out, poll_every=1)  # SIGTERM/SIGUSR1 or RUN/PREEMPT, agreed by all ranks
+    preempt.clear_stale_flag()
     t_start = time.time() - state["elapsed"]
     stop_reason = "epochs"
     unwrapped = accelerator.unwrap_model(model)
@@ -356,9 +341,11 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
             if writer:
                 writer.add_scalar("train/loss", loss.item(), state["global_step"])
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state["global_step"])
-            if preempt.requested:
+            if preempt.requested(state["global_step"]):
                 state["elapsed"] = time.time() - t_start
                 save_state()
+                preempt.acknowledge()
+                preempt.close()
                 log.warning("checkpointed at step %d after a signal; exiting", state["global_step"])
                 return {"stopped": "signal", "global_step": state["global_step"]}
         bar.close()
@@ -406,6 +393,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     minutes = (time.time() - t_start) / 60
     log.info("training finished (%s) after %.1f min; best %s %.4f at epoch %d", stop_reason, minutes,
              cfg.train.monitor.value, state["best"], state["best_epoch"])
+    preempt.close()
     if writer:
         writer.close()
     result: dict[str, Any] = dict(stopped=stop_reason, minutes=minutes, best=state["best"], best_epoch=state["best_epoch"],

@@ -52,16 +52,11 @@ def test_finetune_writes_run_folder(tmp_path):
 
 
 def test_resume_after_interruption_continues_from_saved_step(tmp_path, monkeypatch):
-    class StopAfter:
-        """Stand-in for the signal handler: 'receives' SIGTERM after 4 steps."""
+    class StopAfter(ft.Preemption):
+        """The real handler, 'receiving' SIGTERM after 4 steps."""
 
-        def __init__(self):
-            self.calls = 0
-
-        @property
-        def requested(self):
-            self.calls += 1
-            return self.calls >= 4
+        def requested(self, step):
+            return step >= 4 or super().requested(step)
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:
@@ -117,3 +112,28 @@ def test_encoder_intensity_mismatch_warns(tmp_path, monkeypatch, caplog):
         with caplog.at_level("WARNING", logger="segment.finetune"):
             ft.build_model(cfg, 3)
         assert any("pretrained with intensity" in r.getMessage() for r in caplog.records) == warns
+
+
+def test_preempt_flag_file_checkpoints_and_exits(tmp_path):
+    """A SLURM trap writes RUN/PREEMPT: the run checkpoints at the next step, exits, and removes the flag."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "PREEMPT").touch()
+    cfg = make_cfg(run, "train.epochs=4")
+    # the flag is left by a *previous* job and cleared at start; one written during training stops it
+    import threading
+
+    def write_flag_soon():
+        import time
+
+        for _ in range(600):
+            if (run / "history.csv").exists():
+                (run / "PREEMPT").touch()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=write_flag_soon, daemon=True).start()
+    result = ft.train(cfg)
+    assert result["stopped"] == "signal"
+    assert 3 < result["global_step"] < 12
+    assert not (run / "PREEMPT").exists()
