@@ -124,6 +124,61 @@ def random_init_baselines(holdout: Path, args, seeds=(0, 1, 2)) -> list[tuple[st
     return out
 
 
+def per_class(holdout: Path, export: Path, args) -> str:
+    """Per-class k-NN top-1 of the random-init swin_lite (seed 0, the run's step 0) and of the export:
+    on the run's bank/query split, and leave-one-image-out (each holdout image queried against the
+    crops of all the others: every image is a query once, so one odd coating frame weighs less)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pretrain.encoders import build_encoder
+    from pretrain.knn import _crops, extract_features, load_holdout
+    from pretrain.views import EvalView
+    from segment.weights import read_checkpoint
+
+    h = load_holdout(holdout, crop_size=args.knn_crop, img_size=args.global_size, crops_per_image=args.knn_crops,
+                     max_images_per_class=40, in_chans=1, mean=0.5, std=0.25)
+    classes = h.classes
+    view = EvalView(args.global_size, resize=True, channels=1, mean=0.5, std=0.25)
+    images = [(f, classes.index(c)) for side in ("train", "test") for c in classes
+              for f in sorted((holdout / side / c).iterdir())]
+    crops = [torch.stack(_crops(f, crop_size=args.knn_crop, n=args.knn_crops, view=view)) for f, _ in images]
+    torch.manual_seed(0)
+    encoders = [("swin_lite, random init (seed 0)", build_encoder("swin_lite", in_chans=1, img_size=args.global_size)[0])]
+    weights = export / "encoder.safetensors"
+    if weights.is_file():
+        encoder, _ = build_encoder("swin_lite", in_chans=1, img_size=args.global_size)
+        state, meta = read_checkpoint(weights)
+        encoder.load_state_dict(state)
+        encoders.append((f"swin_lite, DINO {meta.get('steps', '?')} steps (export)", encoder))
+
+    def vote(bank, bank_y, queries):
+        sim, idx = (F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T).topk(min(20, len(bank)), dim=1)
+        votes = torch.zeros(len(queries), len(classes)).scatter_add_(1, bank_y[idx], (sim / 0.07).exp())
+        return votes.argmax(1)
+
+    def accs(pred, truth):
+        return [float((pred == truth).float().mean())] + [float((pred[truth == i] == i).float().mean())
+                                                         for i in range(len(classes))]
+
+    head = " | ".join(classes)
+    lines = [f"| encoder | split: all | {head} | leave-one-image-out: all | {head} |",
+             "|---|" + "---:|" * (2 * len(classes) + 2)]
+    for name, encoder in encoders:
+        split = accs(vote(extract_features(encoder, h.train_images), h.train_labels,
+                          extract_features(encoder, h.test_images)), h.test_labels)
+        feats = [extract_features(encoder, c) for c in crops]
+        labels = [torch.full((len(f),), y) for f, (_, y) in zip(feats, images)]
+        preds = [vote(torch.cat(feats[:i] + feats[i + 1:]), torch.cat(labels[:i] + labels[i + 1:]), feats[i])
+                 for i in range(len(feats))]
+        loio = accs(torch.cat(preds), torch.cat(labels))
+        lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in split + loio) + " |")
+    n = {c: sum(y == i for _, y in images) for i, c in enumerate(classes)}
+    lines.append(f"\n(query crops: split {int(len(h.test_labels))}, leave-one-image-out "
+                 f"{sum(len(c) for c in crops)}; images per class {n})")
+    return "\n".join(lines)
+
+
 def curve(metrics: Path, batch: int) -> list[tuple[int, float, float | None]]:
     rows = list(csv.DictReader(metrics.open()))
     minutes = {int(float(r["step"])): float(r["minutes"]) for r in rows if r.get("minutes")}
@@ -162,6 +217,8 @@ def main() -> None:
     ap.add_argument("--max-side", type=int, default=512)
     ap.add_argument("--knn-crop", type=int, default=256)
     ap.add_argument("--knn-crops", type=int, default=16)
+    ap.add_argument("--report-only", action="store_true",
+                    help="no sharding or training: probe the baselines and the export, print the tables")
     ap.add_argument("--no-baselines", action="store_true", help="skip the random-init swin_lite/resnet18 probes")
     ap.add_argument("overrides", nargs="*", help="further pretrain.main overrides (after --)")
     args = ap.parse_args()
@@ -176,10 +233,31 @@ def main() -> None:
     for cls, sides in build_holdout(data, holdout).items():
         print(f"holdout {cls}: bank {sides['train']}, queries {sides['test']}")
 
+    t_shards = t_train = float("nan")
+    run_dir = out / "run"
+    if not args.report_only:
+        t_shards, t_train = shard_and_train(data, out, holdout, run_dir, args)
+
+    t0 = time.time()
+    baselines = [] if args.no_baselines else random_init_baselines(holdout, args)
+    classes = per_class(holdout, run_dir / "export", args)
+    t_base = time.time() - t0
+
+    from pretrain.knn import load_holdout
+
+    n_query = len(load_holdout(holdout, crop_size=args.knn_crop, img_size=args.global_size,
+                               crops_per_image=args.knn_crops).test_labels)
+    points = curve(run_dir / "metrics.csv", args.batch_size)
+    text = tables(points, baselines, args.batch_size, n_query) + "\n\nper class, k-NN top-1:\n\n" + classes
+    text += (f"\n\nwall time: shards {t_shards:.0f} s, pretraining (incl. probes) {t_train / 60:.1f} min, "
+             f"baselines and per-class probes {t_base:.0f} s; load {os.getloadavg()}")
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+def shard_and_train(data: Path, out: Path, holdout: Path, run_dir: Path, args) -> tuple[float, float]:
     t_shards = run([sys.executable, "-m", "pretrain.shards", *(str(data / p) for p in CORPUS),
                     "--out", str(out / "shards"), "--maxcount", "32", "--workers", "1", "--quiet"])
-
-    run_dir = out / "run"
     overrides = [
         "pretrain/data=shards", "pretrain/encoder=swin_lite", "pretrain/method=dino", f"out={run_dir}",
         f"data.shards={out / 'shards'}", f"data.max_side={args.max_side}",
@@ -197,21 +275,7 @@ def main() -> None:
     ]
     t_train = run([sys.executable, "-m", "pretrain.main", *overrides], log=out / "pretrain.log",
                   max_minutes=args.max_minutes, preempt=run_dir / "PREEMPT")
-
-    t0 = time.time()
-    baselines = [] if args.no_baselines else random_init_baselines(holdout, args)
-    t_base = time.time() - t0
-
-    from pretrain.knn import load_holdout
-
-    n_query = len(load_holdout(holdout, crop_size=args.knn_crop, img_size=args.global_size,
-                               crops_per_image=args.knn_crops).test_labels)
-    points = curve(run_dir / "metrics.csv", args.batch_size)
-    text = tables(points, baselines, args.batch_size, n_query)
-    text += (f"\n\nwall time: shards {t_shards:.0f} s, pretraining (incl. probes) {t_train / 60:.1f} min, "
-             f"random-init baselines {t_base:.0f} s; load {os.getloadavg()}")
-    (out / "table.md").write_text(text + "\n")
-    print(text)
+    return t_shards, t_train
 
 
 if __name__ == "__main__":
