@@ -36,7 +36,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from segment.checkpoint import atomic_write_text
+from pretrain.io import atomic_write_text
 
 __all__ = [
     "CHECKPOINT_DIR",

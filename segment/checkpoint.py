@@ -14,28 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from pretrain.io import atomic_write_text  # noqa: F401  (re-exported: one atomic writer)
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to `path` via a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:

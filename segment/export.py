@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from pretrain.io import atomic_path
 
 __all__ = [
     "PaddedForExport",
@@ -128,18 +129,6 @@ def _quiet_tracing() -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 @torch.no_grad()
 def _reference(model: nn.Module, inputs: Sequence[Tensor]) -> list[np.ndarray]:
     return [model(x).float().numpy() for x in inputs]
@@ -197,7 +186,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, tile_hw: tupl
     model = model.eval()
     wrapped = PaddedForExport(model).eval()
     example = torch.zeros(2, in_chans, *tile_hw)  # batch 2: no batch-1 specialisation in the trace
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         report: ExportReport | None = None
         for dynamic_hw in (True, False):
             inputs = check_inputs(tile_hw, in_chans, mean, std, multiple=wrapped.multiple, dynamic_hw=dynamic_hw)
@@ -244,7 +233,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike[str], *, tile_h
     example = torch.zeros(2, in_chans, *tile_hw)
     inputs = check_inputs(tile_hw, in_chans, mean, std, multiple=wrapped.multiple, dynamic_hw=True)
     meta = dict(metadata or {}, mean=list(mean), std=list(std), tile_size=list(tile_hw), in_chans=in_chans)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         try:
             with _quiet_tracing(), torch.no_grad():
                 traced = torch.jit.trace(wrapped, example, check_trace=False)

@@ -29,9 +29,8 @@ import logging
 import os
 import pickle
 import sys
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models import adapt_input_conv, get_model_traits, model_entrypoint
 from torch import Tensor, nn
+
+from pretrain.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def _download(url: str) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", url, dst)
     try:
-        with _atomic_path(dst) as tmp:
+        with atomic_path(dst) as tmp:
             torch.hub.download_url_to_file(url, str(tmp), progress=sys.stderr.isatty())
     except OSError as e:  # URLError, HTTPError, timeouts and DNS failures are all OSErrors
         raise OSError(
@@ -573,9 +574,9 @@ def export_encoder(
         tensors[key] = value.clone() if ident in seen else value  # safetensors refuses shared memory
         seen.add(ident)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(out_dir / ENCODER_FILE) as tmp:
+    with atomic_path(out_dir / ENCODER_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "timm_name": timm_name})
-    with _atomic_path(out_dir / ENCODER_META) as tmp:
+    with atomic_path(out_dir / ENCODER_META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     log.info("exported %s (%d tensors, %s) to %s", timm_name, len(tensors), method or "no method", out_dir)
     return out_dir
@@ -606,18 +607,6 @@ def _project_version() -> str:
         return importlib.metadata.version("micrograph-seg")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path``, on failure it is removed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _examples(keys: Sequence[str]) -> str:
