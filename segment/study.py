@@ -1,0 +1,450 @@
+"""Run a study: models x encoder initialisations x training sets x seeds, then aggregate.
+
+    python -m segment.study [--config configs/study/default.yaml] [--out runs/study]
+                            [--only PATTERN] [--dry-run] [--collect-only]
+
+Each cell is one ``segment.finetune.train`` call (composed in-process with Hydra from
+``configs/finetune.yaml`` and the cell's overrides) into ``OUT/<model>__<init>__<trainset>__s<seed>``.
+A cell whose ``eval/summary.csv`` exists is skipped, so rerunning an interrupted study resumes it (a
+cell killed mid-training resumes from its own checkpoint, as fine-tuning does). A failing cell is
+recorded in ``OUT/failures.csv`` and ``CELL/study.json`` and the study goes on.
+
+Then the per-cell results are collected with ``launch/collect.py`` (the study writes ``OUT/grid.tsv``
+in its format: cell, model, weights = initialisation, data = training set, seed) into
+- ``OUT/results.csv``: one row per cell and test set (+ ``init``, ``trainset``, ``kind``, ``n_train``,
+  ``wall_min``);
+- ``OUT/results.md``: mean ± sample std over seeds per training set / test set / model / init;
+- ``OUT/iou_vs_train_images.png``: NASA IoU against the number of training images, one line per
+  model/init (and data family), one panel per test-set kind (in / out of distribution).
+
+Study config (YAML, OmegaConf interpolation allowed; see configs/study/):
+  models:    {name: [finetune overrides]}    (or a list of names: ``model=NAME`` / ``model.name=NAME``)
+  inits:     {name: [overrides]} or {name: {model: [overrides]}} (models not listed: no such cell)
+  trainsets: {name: [overrides]} or {name: {overrides: [...], family: super, images: 10}}
+  seeds:     [0, 1, 2]
+  common:    [overrides for every cell]
+  ood_sets:  [test-set names counted as out of distribution]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import importlib.util
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+log = logging.getLogger("segment.study")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+DEFAULT_CONFIG = CONFIGS / "study" / "default.yaml"
+STATUS_FILE = "study.json"
+FAILURES = "failures.csv"
+
+
+def _load_collect():
+    """``launch/collect.py`` (the sweep aggregator), reused rather than duplicated."""
+    path = REPO / "launch" / "collect.py"
+    spec = importlib.util.spec_from_file_location("mseg_launch_collect", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+collect_mod = _load_collect()
+
+
+# ------------------------------------------------------------------------------------ grid
+@dataclass
+class Cell:
+    model: str
+    init: str
+    trainset: str
+    seed: int
+    overrides: list[str] = field(default_factory=list)  # without out=
+    family: str = ""
+    images: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}__{self.init}__{self.trainset}__s{self.seed}"
+
+
+def _plain(x: Any) -> Any:
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
+
+
+def load_study(path: str | Path, extra: list[str] | None = None) -> dict[str, Any]:
+    cfg = OmegaConf.load(path)
+    if extra:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(extra))
+    return _plain(cfg)
+
+
+def _models(spec: Any) -> dict[str, list[str]]:
+    if isinstance(spec, list):
+        out = {}
+        for name in spec:
+            group = CONFIGS / "model" / f"{name}.yaml"
+            out[str(name)] = [f"model={name}"] if group.is_file() else [f"model.name={name}"]
+        return out
+    return {str(k): list(v or []) for k, v in (spec or {}).items()}
+
+
+def expand(study: dict[str, Any]) -> list[Cell]:
+    """The cells of the grid, in order model, init, training set, seed."""
+    models = _models(study.get("models"))
+    inits = study.get("inits") or {"random": []}
+    trainsets = study.get("trainsets") or {}
+    seeds = [int(s) for s in study.get("seeds", [0])]
+    common = list(study.get("common") or [])
+    if not models or not trainsets:
+        raise ValueError("the study needs at least one model and one training set")
+    cells = []
+    for model, m_over in models.items():
+        for init, i_spec in inits.items():
+            if isinstance(i_spec, dict):
+                if model not in i_spec:
+                    continue  # this initialisation does not apply to this model
+                i_over = list(i_spec[model] or [])
+            else:
+                i_over = list(i_spec or [])
+            for ts, t_spec in trainsets.items():
+                if isinstance(t_spec, dict):
+                    t_over, family, images = list(t_spec.get("overrides") or []), str(t_spec.get("family", "")), t_spec.get("images")
+                else:
+                    t_over, family, images = list(t_spec or []), "", None
+                for seed in seeds:
+                    cells.append(Cell(model, init, ts, seed,
+                                      [*common, *m_over, *i_over, *t_over, f"train.seed={seed}"],
+                                      family, int(images) if images is not None else None))
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate cell names: model, init and training-set names must be unique")
+    return cells
+
+
+def select(cells: list[Cell], pattern: Optional[str]) -> list[Cell]:
+    """Cells named PATTERN, else matching it (fnmatch; without wildcards: substring)."""
+    if not pattern:
+        return cells
+    if any(c.name == pattern for c in cells):
+        return [c for c in cells if c.name == pattern]
+    pat = pattern if any(ch in pattern for ch in "*?[") else f"*{pattern}*"
+    return [c for c in cells if fnmatch.fnmatchcase(c.name, pat)]
+
+
+def is_done(run: Path) -> bool:
+    return (run / "eval" / "summary.csv").is_file()
+
+
+def write_grid(cells: list[Cell], out: Path) -> None:
+    """``OUT/grid.tsv`` in launch/collect.py's format (weights = init, data = training set)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / collect_mod.GRID_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["cell", "model", "weights", "data", "seed", "family", "images", "overrides"])
+        for c in cells:
+            w.writerow([c.name, c.model, c.init, c.trainset, c.seed, c.family,
+                        "" if c.images is None else c.images, " ".join(c.overrides)])
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------ running
+def compose_cell(cell: Cell, out: Path):
+    """The typed FinetuneConfig of a cell (raises on an unknown key or a bad value)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from segment.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("finetune", overrides=[*cell.overrides, f"out={out / cell.name}"])
+    return OmegaConf.to_object(cfg)
+
+
+def train_cell(cfg) -> dict[str, Any]:
+    from segment.finetune import train
+
+    return train(cfg)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def run_study(cells: list[Cell], out: Path, *, dry_run: bool = False,
+              trainer: Callable[[Any], dict] | None = None) -> dict[str, list[str]]:
+    """Run the cells not finished yet, in order; a cell stopped by a signal ends the study (rerun resumes).
+
+    Returns the cell names by outcome: done, skipped (finished before), failed, interrupted, todo (dry run).
+    """
+    trainer = trainer or train_cell
+    report: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "todo": [], "interrupted": []}
+    for i, cell in enumerate(cells, 1):
+        run = out / cell.name
+        if is_done(run):
+            report["skipped"].append(cell.name)
+            log.info("[%d/%d] %s: finished, skipped", i, len(cells), cell.name)
+            continue
+        if dry_run:
+            compose_cell(cell, out)  # validates the overrides
+            report["todo"].append(cell.name)
+            print(f"[{i}/{len(cells)}] would run {cell.name}: {' '.join(cell.overrides)}")
+            continue
+        log.info("[%d/%d] %s: training", i, len(cells), cell.name)
+        t0 = time.time()
+        try:
+            cfg = compose_cell(cell, out)
+            result = trainer(cfg)
+            if result.get("stopped") == "signal":  # SIGTERM/SIGINT or RUN/PREEMPT: stop the whole study
+                log.warning("%s interrupted at step %s; rerun the study to resume", cell.name, result.get("global_step"))
+                report["interrupted"].append(cell.name)
+                break
+            if not is_done(run):
+                raise RuntimeError("training ended without eval/summary.csv")
+            run.mkdir(parents=True, exist_ok=True)
+            _write_json(run / STATUS_FILE, dict(status="done", wall_s=time.time() - t0,
+                                                train_minutes=result.get("minutes"),
+                                                train_images=result.get("train_images"),
+                                                overrides=cell.overrides))
+            report["done"].append(cell.name)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # record and go on with the next cell
+            log.error("%s failed: %s", cell.name, e)
+            err = f"{type(e).__name__}: {e}"
+            run.mkdir(parents=True, exist_ok=True)
+            _write_json(run / STATUS_FILE, dict(status="failed", error=err, traceback=traceback.format_exc(),
+                                                wall_s=time.time() - t0, overrides=cell.overrides))
+            new = not (out / FAILURES).is_file()
+            with (out / FAILURES).open("a", newline="") as f:
+                w = csv.writer(f, lineterminator="\n")
+                if new:
+                    w.writerow(["time", "cell", "error"])
+                w.writerow([time.strftime("%Y-%m-%d %H:%M:%S"), cell.name, err])
+            report["failed"].append(cell.name)
+    return report
+
+
+# ------------------------------------------------------------------------------------ aggregation
+def _train_info(run: Path) -> tuple[Optional[int], float]:
+    """(number of training images, training wall time in minutes) of a finished run."""
+    n, minutes = None, math.nan
+    status = run / STATUS_FILE
+    if status.is_file():
+        try:
+            s = json.loads(status.read_text())
+            if s.get("train_images"):
+                n = len(s["train_images"])
+            if s.get("train_minutes") is not None:
+                minutes = float(s["train_minutes"])
+        except (OSError, ValueError):
+            pass
+    meta = run / "best" / "model.json"
+    if n is None and meta.is_file():
+        try:
+            imgs = json.loads(meta.read_text()).get("train_images")
+            n = len(imgs) if imgs else None
+        except (OSError, ValueError):
+            pass
+    trainer = run / "state" / "trainer.json"
+    if not math.isfinite(minutes) and trainer.is_file():
+        try:
+            minutes = float(json.loads(trainer.read_text())["elapsed"]) / 60
+        except (OSError, ValueError, KeyError):
+            pass
+    return n, minutes
+
+
+def aggregate(out: Path, ood_sets: list[str] | tuple[str, ...] = ()) -> tuple[list[dict], list[str]]:
+    """Rows (one per cell and test set) of the study in OUT, and the grid cells without results."""
+    out = Path(out).resolve()
+    rows, missing = collect_mod.collect(out)
+    grid = collect_mod.read_grid(out)
+    for r in rows:
+        run = out / r["run"]
+        g = grid.get(run.name, {})
+        r["init"], r["trainset"] = r["weights"], r["data"]
+        r["family"] = g.get("family", "")
+        n, minutes = _train_info(run)
+        if n is None and g.get("images"):
+            n = int(g["images"])
+        r["n_train"] = n if n is not None else math.nan
+        r["wall_min"] = minutes
+        r["kind"] = "ood" if r["set"] in ood_sets else "in"
+    return rows, missing
+
+
+def _fmt_min(values: list[Any]) -> str:
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def markdown(rows: list[dict], missing: list[str], failed: list[str] = ()) -> str:
+    """Per training set: one row per (test set, model, init): mean ± std over seeds, IoU in %."""
+    lines: list[str] = []
+    by_ts: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_ts[str(r["trainset"])].append(r)
+    for ts, trows in by_ts.items():
+        classes = [k for k in collect_mod.columns(trows) if k.startswith("iou_")]
+        n = {r["n_train"] for r in trows if isinstance(r["n_train"], int)}
+        head = ["test set", "kind", "model", "init", "seeds", "NASA IoU", *[f"IoU {k[4:]}" for k in classes],
+                "mIoU", "train min"]
+        title = f"### {ts}" + (f" ({', '.join(map(str, sorted(n)))} training images)" if n else "")
+        lines += [title, "", "| " + " | ".join(head) + " |",
+                  "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for r in trows:
+            groups[(str(r["set"]), str(r["model"]), str(r["init"]))].append(r)
+        for (set_name, model, init), g in sorted(groups.items()):
+            cells = [set_name, g[0]["kind"], model, init, str(len(g)),
+                     collect_mod.mean_std([r.get("nasa_iou_mean") for r in g]),
+                     *[collect_mod.mean_std([r.get(k) for r in g]) for k in classes],
+                     collect_mod.mean_std([r.get("miou") for r in g]), _fmt_min([r.get("wall_min") for r in g])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if lines:
+        lines += ["IoU in %, mean ± sample standard deviation over seeds (one value: one seed). NASA IoU: the "
+                  "benchmark's class-pooled IoU averaged over the images of the test set; per-class IoU and mIoU "
+                  "pooled over its pixels (segment.evaluate). kind: in / ood (out of distribution). train min: "
+                  "training wall time in minutes.", ""]
+    if failed:
+        lines += [f"Failed cells ({len(failed)}; see failures.csv and CELL/study.json):", ""] + [f"- {c}" for c in failed] + [""]
+    rest = [c for c in missing if c not in set(failed)]
+    if rest:
+        lines += [f"Cells without results ({len(rest)}): not run yet or interrupted:", ""] + [f"- {c}" for c in rest] + [""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> Optional[Path]:
+    """NASA IoU vs number of training images; a line per model/init(/family), a panel per test-set kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("in", "ood") if any(r["kind"] == k for r in rows)]
+    if not kinds:
+        return None
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    families = {str(r.get("family", "")) for r in rows}
+    for ax, kind in zip(axes[0], kinds):
+        pts: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            v, n = r.get("nasa_iou_mean"), r.get("n_train")
+            if r["kind"] != kind or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            if not isinstance(n, (int, float)) or not math.isfinite(n):
+                continue
+            pts[(str(r["model"]), str(r["init"]), str(r.get("family", "")))][float(n)].append(100 * v)
+        for (model, init, fam), by_n in sorted(pts.items()):
+            xs = sorted(by_n)
+            ys = [statistics.fmean(by_n[x]) for x in xs]
+            es = [statistics.stdev(by_n[x]) if len(by_n[x]) > 1 else 0.0 for x in xs]
+            label = f"{model} / {init}" + (f" ({fam})" if len(families) > 1 and fam else "")
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ticks = sorted({x for by_n in pts.values() for x in by_n})
+        if ticks:
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+        ax.set_xlabel("training images")
+        ax.set_ylabel("NASA IoU (%)")
+        ax.set_title("in distribution" if kind == "in" else "out of distribution")
+        ax.grid(alpha=0.3)
+        if pts:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summarize(out: Path, ood_sets: list[str] | tuple[str, ...] = (), failed: list[str] = ()) -> tuple[list[dict], str]:
+    """Write results.csv, results.md and iou_vs_train_images.png in OUT; returns rows and the Markdown."""
+    out = Path(out)
+    rows, missing = aggregate(out, ood_sets)
+    md = markdown(rows, missing, failed)
+    if rows:
+        collect_mod.write_csv(rows, out / "results.csv")
+        plot(rows, out / "iou_vs_train_images.png")
+    (out / "results.md").write_text(md)
+    return rows, md
+
+
+def _failed_cells(out: Path, names: list[str]) -> list[str]:
+    failed = []
+    for n in names:
+        s = out / n / STATUS_FILE
+        if not is_done(out / n) and s.is_file():
+            try:
+                if json.loads(s.read_text()).get("status") == "failed":
+                    failed.append(n)
+            except (OSError, ValueError):
+                pass
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="study YAML (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="study folder (default: the config's out, else runs/study)")
+    p.add_argument("--only", help="run only the cell named PATTERN, else the cells matching it (fnmatch, or substring)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their state, compose their configs, train nothing")
+    p.add_argument("--collect-only", action="store_true", help="only aggregate the finished cells")
+    p.add_argument("set", nargs="*", help="study-config overrides, KEY=VALUE (e.g. seeds=[0])")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    study = load_study(args.config, args.set)
+    out = Path(args.out or study.get("out") or "runs/study")
+    all_cells = expand(study)
+    cells = select(all_cells, args.only)
+    print(f"study {args.config}: {len(all_cells)} cells, {len(cells)} selected, out {out}")
+    if args.dry_run:
+        report = run_study(cells, out, dry_run=True)
+        print(f"{len(report['skipped'])} finished, {len(report['todo'])} to run")
+        return 0
+    write_grid(all_cells, out)
+    report: dict[str, list[str]] = {"failed": [], "interrupted": []}
+    if not args.collect_only:
+        report = run_study(cells, out)
+        print(f"done {len(report['done'])}, skipped (finished) {len(report['skipped'])}, "
+              f"failed {len(report['failed'])}, interrupted {len(report['interrupted'])}")
+    rows, md = summarize(out, study.get("ood_sets") or [], _failed_cells(out, [c.name for c in all_cells]))
+    print(md, end="")
+    print(f"{len(rows)} rows -> {out / 'results.csv'}, {out / 'results.md'}, {out / 'iou_vs_train_images.png'}")
+    return 1 if report["failed"] or report["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""segment.study: grid expansion, resume of an interrupted study, failure isolation, aggregation."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+import segment.study as st
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "study" / "smoke.yaml"
+DEFAULT = REPO / "configs" / "study" / "default.yaml"
+
+
+# ------------------------------------------------------------------------------------ grid
+def test_smoke_grid_expands_as_configured():
+    cells = st.expand(st.load_study(SMOKE))
+    assert len(cells) == 2 * 1 * 2 * 2  # models x inits x training sets x seeds
+    assert [c.name for c in cells] == [
+        f"{m}__random__{t}__s{s}" for m in ("cs_unet_test", "unet_test") for t in ("synth2", "synth1") for s in (0, 1)]
+    c = cells[0]
+    assert c.overrides[-1] == "train.seed=0" and "model.name=cs_unet_test" in c.overrides
+    assert "data.n_train=2" in c.overrides and "data.crop_size=64" in c.overrides
+    assert [c.name for c in st.select(cells, "unet_test__*__s1")] == ["unet_test__random__synth2__s1",
+                                                                      "unet_test__random__synth1__s1"]
+    assert len(st.select(cells, "synth1")) == 4  # no wildcard: substring
+    assert [c.name for c in st.select(cells, "unet_test__random__synth1__s0")] == ["unet_test__random__synth1__s0"]
+    assert len(st.select(cells, "unet_test__random")) == 8  # substring of cs_unet_test cells too
+
+
+def test_default_grid_expands_and_composes(tmp_path):
+    study = st.load_study(DEFAULT, ["encoders.cnn=/enc/cnn", "encoders.swin=/enc/swin"])
+    cells = st.expand(study)
+    assert len(cells) == 3 * 2 * 6 * 3 == 108
+    names = {c.name for c in cells}
+    assert "cs_unet_lite__pretrained__super3__s2" in names and "swin_unet_lite__random__ebc1_1img__s0" in names
+    assert len(study["seeds"]) >= 3
+    by = {c.name: c for c in cells}
+    cfg = st.compose_cell(by["cs_unet_lite__pretrained__ebc1_1img__s1"], tmp_path)
+    assert cfg.model.name == "cs_unet_lite" and dict(cfg.model.encoder_weights) == {"cnn": "/enc/cnn", "swin": "/enc/swin"}
+    assert list(cfg.data.train_names) == ["010417#4_S2480009.tif"] and cfg.train.seed == 1
+    assert cfg.out == str(tmp_path / "cs_unet_lite__pretrained__ebc1_1img__s1")
+    cfg = st.compose_cell(by["unet_lite__pretrained__super1__s0"], tmp_path)
+    assert dict(cfg.model.encoder_weights) == {"cnn": "/enc/cnn"}  # only the branch the model has
+    assert "super4_ood" in cfg.data.extra_tests
+    cfg = st.compose_cell(by["swin_unet_lite__random__super2__s0"], tmp_path)
+    assert dict(cfg.model.encoder_weights) == {} and cfg.model.name == "swin_unet_lite"
+
+
+def test_per_model_init_skips_models_not_listed():
+    study = {"models": ["unet_lite", "cs_unet_test"], "seeds": [0],
+             "inits": {"random": [], "micronet": {"unet_lite": ["+model.encoder_weights.cnn=x"]}},
+             "trainsets": {"a": ["data=super1"]}}
+    cells = st.expand(study)
+    assert [c.name for c in cells] == ["unet_lite__random__a__s0", "unet_lite__micronet__a__s0",
+                                       "cs_unet_test__random__a__s0"]
+    assert "model=unet_lite" in cells[0].overrides and "model.name=cs_unet_test" in cells[2].overrides
+
+
+# ------------------------------------------------------------------------------------ running
+def test_killed_study_resumes_without_rerunning_finished_cells(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    study = st.load_study(SMOKE, ["seeds=[0]"])
+    cells = st.select(st.expand(study), "synth1")  # 2 cells: cs_unet_test and unet_test
+    assert len(cells) == 2
+    calls: list[str] = []
+    real = st.train_cell
+
+    def first_then_killed(cfg):
+        calls.append(Path(cfg.out).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the study is killed during its second cell
+        return real(cfg)
+
+    monkeypatch.setattr(st, "train_cell", first_then_killed)
+    st.write_grid(cells, out)
+    with pytest.raises(KeyboardInterrupt):
+        st.run_study(cells, out)
+    first = out / cells[0].name
+    assert st.is_done(first) and not st.is_done(out / cells[1].name)
+    mtime = (first / "best" / "model.safetensors").stat().st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(st, "train_cell", lambda cfg: (calls.append(Path(cfg.out).name), real(cfg))[1])
+    report = st.run_study(cells, out)
+    assert calls == [cells[1].name]  # only the unfinished cell was trained
+    assert report["skipped"] == [cells[0].name] and report["done"] == [cells[1].name]
+    assert (first / "best" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert json.loads((out / cells[1].name / st.STATUS_FILE).read_text())["status"] == "done"
+
+    calls.clear()
+    assert st.run_study(cells, out)["skipped"] == [c.name for c in cells] and calls == []
+    rows, md = st.summarize(out, study["ood_sets"])
+    assert len(rows) == 2 * 2  # 2 cells x (test, shifted)
+    assert {r["kind"] for r in rows if r["set"] == "shifted"} == {"ood"}
+    assert all(r["n_train"] == 1 for r in rows) and all(r["wall_min"] >= 0 for r in rows)
+    assert (out / "results.csv").is_file() and (out / "iou_vs_train_images.png").stat().st_size > 0
+    assert "cs_unet_test | random | 1 |" in md
+
+
+def test_signal_stops_the_study_and_rerun_resumes_the_cell_from_its_checkpoint(tmp_path, monkeypatch):
+    """SIGTERM (here: the real Preemption handler told to fire at step 2) ends the study, not just the cell."""
+    import segment.finetune as ft
+
+    out = tmp_path / "study"
+    cells = st.select(st.expand(st.load_study(SMOKE, ["seeds=[0]"])), "synth1")
+    for c in cells:
+        c.overrides.append("train.epochs=2")  # 2 steps per epoch -> 4 steps
+
+    class StopAt2(ft.Preemption):
+        def requested(self, step):
+            return step >= 2 or super().requested(step)
+
+    with monkeypatch.context() as m:
+        m.setattr(ft, "Preemption", StopAt2)
+        report = st.run_study(cells, out)
+    assert report["interrupted"] == [cells[0].name] and report["done"] == []
+    assert not (out / cells[1].name).exists()  # the study stopped; the next cell was not started
+    saved = json.loads((out / cells[0].name / "state" / "trainer.json").read_text())
+    assert saved["global_step"] == 2
+
+    results = []
+    real = st.train_cell
+    monkeypatch.setattr(st, "train_cell", lambda cfg: (results.append(real(cfg)), results[-1])[1])
+    report = st.run_study(cells, out)
+    assert report["done"] == [c.name for c in cells]
+    assert results[0]["global_step"] == 4 and len(ft.read_history(out / cells[0].name / "history.csv")) == 2
+
+
+def test_failed_cell_is_recorded_and_study_continues(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    cells = st.select(st.expand(st.load_study(SMOKE)), "synth1__s0")
+    seen = []
+
+    def trainer(cfg):
+        seen.append(Path(cfg.out).name)
+        if len(seen) == 1:
+            raise RuntimeError("out of memory")
+        return fake_train(cfg)
+
+    monkeypatch.setattr(st, "train_cell", trainer)
+    report = st.run_study(cells, out)
+    assert report["failed"] == [cells[0].name] and report["done"] == [cells[1].name]
+    with (out / st.FAILURES).open() as f:
+        rec = list(csv.DictReader(f))
+    assert rec[0]["cell"] == cells[0].name and "out of memory" in rec[0]["error"]
+    assert st._failed_cells(out, [c.name for c in cells]) == [cells[0].name]
+
+
+def fake_train(cfg):
+    """A stand-in for segment.finetune.train: writes eval/summary.csv only."""
+    run = Path(cfg.out)
+    write_summary(run, [{"set": "test", "nasa_iou_mean": 0.5, "miou": 0.4}])
+    return {"minutes": 0.1, "train_images": ["a.tif"]}
+
+
+def test_cli_dry_run_trains_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(st, "train_cell", lambda cfg: pytest.fail("dry run trained"))
+    assert st.main(["--config", str(SMOKE), "--out", str(tmp_path / "s"), "--dry-run", "--only", "unet_test__*"]) == 0
+    text = capsys.readouterr().out
+    assert "8 cells, 4 selected" in text and "would run unet_test__random__synth2__s0" in text
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------ aggregation
+def write_summary(run: Path, rows: list[dict], minutes: float | None = None, images: int | None = None):
+    (run / "eval").mkdir(parents=True, exist_ok=True)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with (run / "eval" / "summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    if minutes is not None:
+        (run / st.STATUS_FILE).write_text(json.dumps({"status": "done", "train_minutes": minutes,
+                                                      "train_images": [f"{i}.tif" for i in range(images)]}))
+
+
+def test_aggregation_of_hand_written_results(tmp_path):
+    study = {"models": {"cs": [], "unet": []}, "inits": {"random": [], "pre": []},
+             "trainsets": {"super1": {"overrides": [], "images": 10}, "super3": {"overrides": [], "images": 1}},
+             "seeds": [0, 1, 2]}
+    cells = st.expand(study)
+    out = tmp_path / "study"
+    st.write_grid(cells, out)
+    # hand-written results for cs/pre/super1 (3 seeds) and unet/random/super3 (2 seeds); others missing
+    iou = {0: 0.90, 1: 0.92, 2: 0.97}
+    for s, v in iou.items():
+        write_summary(out / f"cs__pre__super1__s{s}",
+                      [{"set": "test", "n_images": 4, "nasa_iou_mean": v, "iou_matrix": v - 0.1, "iou_tertiary": 0.5,
+                        "miou": v - 0.2},
+                       {"set": "super4_ood", "n_images": 5, "nasa_iou_mean": v - 0.2, "iou_matrix": 0.6,
+                        "iou_tertiary": 0.1, "miou": 0.3}], minutes=10 + s, images=10)
+    for s, v in {0: 0.5, 1: 0.7}.items():
+        write_summary(out / f"unet__random__super3__s{s}",
+                      [{"set": "test", "nasa_iou_mean": v, "iou_matrix": v, "iou_tertiary": 0.0, "miou": v}],
+                      minutes=2.0, images=1)
+
+    rows, md = st.summarize(out, ["super4_ood"])
+    assert len(rows) == 3 * 2 + 2
+    with (out / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 8
+    r0 = next(r for r in csv_rows if r["run"] == "cs__pre__super1__s0" and r["set"] == "super4_ood")
+    assert (r0["model"], r0["init"], r0["trainset"], r0["seed"], r0["kind"], r0["n_train"]) == \
+        ("cs", "pre", "super1", "0", "ood", "10")
+    assert float(r0["nasa_iou_mean"]) == pytest.approx(0.7) and float(r0["wall_min"]) == 10
+
+    vals = [100 * v for v in iou.values()]
+    mean, sd = statistics.fmean(vals), statistics.stdev(vals)
+    assert (round(mean, 2), round(sd, 2)) == (93.0, 3.61)
+    lines = md.splitlines()
+    assert "### super1 (10 training images)" in lines and "### super3 (1 training images)" in lines
+    assert "| set" not in md and lines[2].startswith("| test set | kind | model | init | seeds | NASA IoU |")
+    assert ("| test | in | cs | pre | 3 | 93.00 ± 3.61 | 83.00 ± 3.61 | 50.00 ± 0.00 | 73.00 ± 3.61 "
+            "| 11.00 ± 1.00 |") in lines
+    assert "| super4_ood | ood | cs | pre | 3 | 73.00 ± 3.61 | 60.00 ± 0.00 | 10.00 ± 0.00 | 30.00 ± 0.00 | 11.00 ± 1.00 |" in lines
+    assert "| test | in | unet | random | 2 | 60.00 ± 14.14 | 60.00 ± 14.14 | 0.00 ± 0.00 | 60.00 ± 14.14 | 2.00 ± 0.00 |" in lines
+    assert math.isclose(statistics.stdev([50, 70]), 14.142, rel_tol=1e-3)
+    # the cells without results are listed
+    assert f"Cells without results ({24 - 5}): not run yet or interrupted:" in md
+    assert "- unet__random__super3__s2" in lines
+    assert (out / "results.md").read_text() == md
+    assert (out / "iou_vs_train_images.png").stat().st_size > 0
