@@ -267,13 +267,10 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = len(loader)
-    if cfg.optim.schedule == Schedule.plateau:
-        warm = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(groups, cfg, steps_per_epoch))
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
-                                                             patience=cfg.optim.plateau_patience)
-    else:
-        warm = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(groups, cfg, steps_per_epoch))
-        plateau = None
+    warm = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(groups, cfg, steps_per_epoch))
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
+                                                          patience=cfg.optim.plateau_patience)
+               if cfg.optim.schedule == Schedule.plateau else None)
     accelerator.register_for_checkpointing(warm)
     if plateau is not None:
         accelerator.register_for_checkpointing(plateau)

@@ -5,6 +5,7 @@ import tifffile
 import torch
 from torch import nn
 
+from _tiles import interior_mask
 from pretrain.io import intensity_range, read_micrograph, scale_intensity, to_float, write_tiff
 from segment.infer import Predictor, compute_steps
 from segment.stream import (
@@ -107,16 +108,7 @@ def test_stream_matches_full_forward_away_from_tile_borders():
     with torch.no_grad():
         full = model(p.normalize(image)[None])[0]
 
-    def interior(size):  # pixels at least `radius` from every tile edge that is not an image edge
-        ok = np.ones(size, bool)
-        for o in compute_steps(size, tile, p.step_fraction):
-            if o > 0:
-                ok[o : o + radius] = False
-            if o + tile < size:
-                ok[o + tile - radius : o + tile] = False
-        return ok
-
-    mask = torch.from_numpy(interior(h)[:, None] & interior(w)[None, :])
+    mask = interior_mask(h, w, tile, p.step_fraction, radius)
     assert mask.float().mean() > 0.5
     torch.testing.assert_close(out[:, mask], full[:, mask], rtol=1e-4, atol=1e-5)
 
