@@ -483,7 +483,7 @@ def _readable(module: nn.Module) -> Iterator[nn.Module]:
 
 # ----------------------------------------------------------------------------------------- export
 def export_backbone(method, spec: Mapping[str, Any], out_dir: Path, *, cfg: PretrainConfig, steps: int,
-                    data: str, accelerator) -> None:
+                    data: str, accelerator, knn: Mapping[str, Any] | None = None) -> None:
     """Export the teacher backbone (the student's for methods without a teacher) with
     :func:`segment.weights.export_encoder`, as fp32 in a fresh timm model built from ``spec``.
 
@@ -507,7 +507,7 @@ def export_backbone(method, spec: Mapping[str, Any], out_dir: Path, *, cfg: Pret
         fresh.load_state_dict(state)
         export_encoder(fresh, out_dir, timm_name=spec["timm_name"], timm_kwargs=spec["timm_kwargs"],
                        in_chans=cfg.encoder.in_chans, mean=cfg.data.mean, std=cfg.data.std, intensity=INTENSITY,
-                       method=cfg.method.name.value, data=data, steps=steps)
+                       method=cfg.method.name.value, data=data, steps=steps, knn=knn)
     accelerator.wait_for_everyone()
 
 
@@ -755,8 +755,10 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
         if stopped != "preempted":
             if step == total and cfg.knn.every:
                 knn_last = run_probe(step)
+            knn = {"top1_init": knn_init, "top1": knn_last, "k": cfg.knn.k,
+                   "holdout": str(cfg.knn.holdout or out / "knn_holdout")} if cfg.knn.every else None
             export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=corpus.description,
-                            accelerator=accelerator)
+                            accelerator=accelerator, knn=knn)
             exported = str(out / "export")
         record = {
             "rank": rank, "world_size": world, "shards_assigned": planned, "shards_read": sorted(shards_seen),

@@ -9,7 +9,7 @@ A cell whose ``eval/summary.csv`` exists is skipped, so rerunning an interrupted
 cell killed mid-training resumes from its own checkpoint, as fine-tuning does). A failing cell is
 recorded in ``OUT/failures.csv`` and ``CELL/study.json`` and the study goes on.
 
-Then the per-cell results are collected with ``launch/collect.py`` (the study writes ``OUT/grid.tsv``
+Then the per-cell results are collected with :mod:`segment.results` (the study writes ``OUT/grid.tsv``
 in its format: cell, model, weights = initialisation, data = training set, seed) into
 - ``OUT/results.csv``: one row per cell and test set (+ ``init``, ``trainset``, ``kind``, ``n_train``,
   ``wall_min``);
@@ -30,10 +30,11 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
-import importlib.util
 import json
 import logging
 import math
+import os
+import socket
 import statistics
 import sys
 import time
@@ -45,28 +46,18 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from segment import results
+
 log = logging.getLogger("segment.study")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 DEFAULT_CONFIG = CONFIGS / "study" / "default.yaml"
 STATUS_FILE = "study.json"
+CLAIM_FILE = "claim.json"
 FAILURES = "failures.csv"
 
 
-def _load_collect():
-    """``launch/collect.py`` (the sweep aggregator), reused rather than duplicated."""
-    path = REPO / "launch" / "collect.py"
-    spec = importlib.util.spec_from_file_location("mseg_launch_collect", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-collect_mod = _load_collect()
 
 
 # ------------------------------------------------------------------------------------ grid
@@ -107,7 +98,7 @@ def _models(spec: Any) -> dict[str, list[str]]:
 
 
 def expand(study: dict[str, Any]) -> list[Cell]:
-    """The cells of the grid, in order model, init, training set, seed."""
+    """The cells of the grid, in order seed, training set, model, init."""
     models = _models(study.get("models"))
     inits = study.get("inits") or {"random": []}
     trainsets = study.get("trainsets") or {}
@@ -116,20 +107,20 @@ def expand(study: dict[str, Any]) -> list[Cell]:
     if not models or not trainsets:
         raise ValueError("the study needs at least one model and one training set")
     cells = []
-    for model, m_over in models.items():
-        for init, i_spec in inits.items():
-            if isinstance(i_spec, dict):
-                if model not in i_spec:
-                    continue  # this initialisation does not apply to this model
-                i_over = list(i_spec[model] or [])
+    for seed in seeds:  # seed outermost: a study stopped half-way has every comparison at its first seeds
+        for ts, t_spec in trainsets.items():
+            if isinstance(t_spec, dict):
+                t_over, family, images = list(t_spec.get("overrides") or []), str(t_spec.get("family", "")), t_spec.get("images")
             else:
-                i_over = list(i_spec or [])
-            for ts, t_spec in trainsets.items():
-                if isinstance(t_spec, dict):
-                    t_over, family, images = list(t_spec.get("overrides") or []), str(t_spec.get("family", "")), t_spec.get("images")
-                else:
-                    t_over, family, images = list(t_spec or []), "", None
-                for seed in seeds:
+                t_over, family, images = list(t_spec or []), "", None
+            for model, m_over in models.items():
+                for init, i_spec in inits.items():
+                    if isinstance(i_spec, dict):
+                        if model not in i_spec:
+                            continue  # this initialisation does not apply to this model
+                        i_over = list(i_spec[model] or [])
+                    else:
+                        i_over = list(i_spec or [])
                     cells.append(Cell(model, init, ts, seed,
                                       [*common, *m_over, *i_over, *t_over, f"train.seed={seed}"],
                                       family, int(images) if images is not None else None))
@@ -153,10 +144,54 @@ def is_done(run: Path) -> bool:
     return (run / "eval" / "summary.csv").is_file()
 
 
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(run: Path) -> bool:
+    """Take the cell for this process, so that several study processes can share one folder.
+
+    ``CELL/claim.json`` (host, pid) is created exclusively; False when another process holds it. A claim
+    left by a dead process on this host is taken over; claims from other hosts are honoured (delete the
+    file to free a cell whose job died elsewhere).
+    """
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / CLAIM_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder == me:
+                return True
+            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def release(run: Path) -> None:
+    (run / CLAIM_FILE).unlink(missing_ok=True)
+
+
 def write_grid(cells: list[Cell], out: Path) -> None:
-    """``OUT/grid.tsv`` in launch/collect.py's format (weights = init, data = training set)."""
+    """``OUT/grid.tsv`` in segment.results' format (weights = init, data = training set)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / collect_mod.GRID_FILE
+    path = out / results.GRID_FILE
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -198,10 +233,12 @@ def run_study(cells: list[Cell], out: Path, *, dry_run: bool = False,
               trainer: Callable[[Any], dict] | None = None) -> dict[str, list[str]]:
     """Run the cells not finished yet, in order; a cell stopped by a signal ends the study (rerun resumes).
 
-    Returns the cell names by outcome: done, skipped (finished before), failed, interrupted, todo (dry run).
+    Cells held by another study process (:func:`claim`) are left to it. Returns the cell names by outcome:
+    done, skipped (finished before), failed, interrupted, held (by another process), todo (dry run).
     """
     trainer = trainer or train_cell
-    report: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "todo": [], "interrupted": []}
+    report: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "todo": [], "interrupted": [],
+                                    "held": []}
     for i, cell in enumerate(cells, 1):
         run = out / cell.name
         if is_done(run):
@@ -212,6 +249,10 @@ def run_study(cells: list[Cell], out: Path, *, dry_run: bool = False,
             compose_cell(cell, out)  # validates the overrides
             report["todo"].append(cell.name)
             print(f"[{i}/{len(cells)}] would run {cell.name}: {' '.join(cell.overrides)}")
+            continue
+        if not claim(run):
+            report["held"].append(cell.name)
+            log.info("[%d/%d] %s: held by another study process, skipped", i, len(cells), cell.name)
             continue
         log.info("[%d/%d] %s: training", i, len(cells), cell.name)
         t0 = time.time()
@@ -245,6 +286,8 @@ def run_study(cells: list[Cell], out: Path, *, dry_run: bool = False,
                     w.writerow(["time", "cell", "error"])
                 w.writerow([time.strftime("%Y-%m-%d %H:%M:%S"), cell.name, err])
             report["failed"].append(cell.name)
+        finally:
+            release(run)
     return report
 
 
@@ -278,11 +321,30 @@ def _train_info(run: Path) -> tuple[Optional[int], float]:
     return n, minutes
 
 
+def encoder_knn(overrides: str) -> dict[str, float]:
+    """``{"knn_<branch>": top-1}`` from the ``encoder.json`` of each ``model.encoder_weights.<branch>=PATH``
+    override (the k-NN probe that ``pretrain`` records in its exports); nothing for other weight files."""
+    found: dict[str, float] = {}
+    for token in overrides.split():
+        key, _, value = token.lstrip("+").partition("=")
+        if not key.startswith("model.encoder_weights.") or not value:
+            continue
+        path = Path(value)
+        meta = path / "encoder.json" if path.is_dir() else path.with_name("encoder.json")
+        try:
+            top1 = (json.loads(meta.read_text()).get("knn") or {}).get("top1")
+        except (OSError, ValueError):
+            continue
+        if top1 is not None:
+            found[f"knn_{key.rsplit('.', 1)[1]}"] = float(top1)
+    return found
+
+
 def aggregate(out: Path, ood_sets: list[str] | tuple[str, ...] = ()) -> tuple[list[dict], list[str]]:
     """Rows (one per cell and test set) of the study in OUT, and the grid cells without results."""
     out = Path(out).resolve()
-    rows, missing = collect_mod.collect(out)
-    grid = collect_mod.read_grid(out)
+    rows, missing = results.collect(out)
+    grid = results.read_grid(out)
     for r in rows:
         run = out / r["run"]
         g = grid.get(run.name, {})
@@ -294,6 +356,7 @@ def aggregate(out: Path, ood_sets: list[str] | tuple[str, ...] = ()) -> tuple[li
         r["n_train"] = n if n is not None else math.nan
         r["wall_min"] = minutes
         r["kind"] = "ood" if r["set"] in ood_sets else "in"
+        r.update(encoder_knn(g.get("overrides", "")))
     return rows, missing
 
 
@@ -313,28 +376,30 @@ def markdown(rows: list[dict], missing: list[str], failed: list[str] = ()) -> st
     for r in rows:
         by_ts[str(r["trainset"])].append(r)
     for ts, trows in by_ts.items():
-        classes = [k for k in collect_mod.columns(trows) if k.startswith("iou_")]
+        classes = [k for k in results.columns(trows) if k.startswith("iou_")]
         n = {r["n_train"] for r in trows if isinstance(r["n_train"], int)}
-        head = ["test set", "kind", "model", "init", "seeds", "NASA IoU", *[f"IoU {k[4:]}" for k in classes],
-                "mIoU", "train min"]
+        head = ["test set", "kind", "model", "init", "encoder k-NN", "seeds", "NASA IoU",
+                *[f"IoU {k[4:]}" for k in classes], "mIoU", "train min"]
         title = f"### {ts}" + (f" ({', '.join(map(str, sorted(n)))} training images)" if n else "")
         lines += [title, "", "| " + " | ".join(head) + " |",
-                  "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+                  "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|"]
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for r in trows:
             groups[(str(r["set"]), str(r["model"]), str(r["init"]))].append(r)
         for (set_name, model, init), g in sorted(groups.items()):
-            cells = [set_name, g[0]["kind"], model, init, str(len(g)),
-                     collect_mod.mean_std([r.get("nasa_iou_mean") for r in g]),
-                     *[collect_mod.mean_std([r.get(k) for r in g]) for k in classes],
-                     collect_mod.mean_std([r.get("miou") for r in g]), _fmt_min([r.get("wall_min") for r in g])]
+            knn = ", ".join(f"{k[4:]} {g[0][k]:.3f}" for k in sorted(g[0]) if k.startswith("knn_")) or "–"
+            cells = [set_name, g[0]["kind"], model, init, knn, str(len(g)),
+                     results.mean_std([r.get("nasa_iou_mean") for r in g]),
+                     *[results.mean_std([r.get(k) for r in g]) for k in classes],
+                     results.mean_std([r.get("miou") for r in g]), _fmt_min([r.get("wall_min") for r in g])]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if lines:
         lines += ["IoU in %, mean ± sample standard deviation over seeds (one value: one seed). NASA IoU: the "
                   "benchmark's class-pooled IoU averaged over the images of the test set; per-class IoU and mIoU "
-                  "pooled over its pixels (segment.evaluate). kind: in / ood (out of distribution). train min: "
-                  "training wall time in minutes.", ""]
+                  "pooled over its pixels (segment.evaluate). kind: in / ood (out of distribution). encoder k-NN: "
+                  "top-1 of the pretrained encoder(s) on the pretraining's k-NN holdout, per branch (from its "
+                  "encoder.json). train min: training wall time in minutes.", ""]
     if failed:
         lines += [f"Failed cells ({len(failed)}; see failures.csv and CELL/study.json):", ""] + [f"- {c}" for c in failed] + [""]
     rest = [c for c in missing if c not in set(failed)]
@@ -394,7 +459,7 @@ def summarize(out: Path, ood_sets: list[str] | tuple[str, ...] = (), failed: lis
     rows, missing = aggregate(out, ood_sets)
     md = markdown(rows, missing, failed)
     if rows:
-        collect_mod.write_csv(rows, out / "results.csv")
+        results.write_csv(rows, out / "results.csv")
         plot(rows, out / "iou_vs_train_images.png")
     (out / "results.md").write_text(md)
     return rows, md
@@ -439,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.collect_only:
         report = run_study(cells, out)
         print(f"done {len(report['done'])}, skipped (finished) {len(report['skipped'])}, "
-              f"failed {len(report['failed'])}, interrupted {len(report['interrupted'])}")
+              f"failed {len(report['failed'])}, interrupted {len(report['interrupted'])}, "
+              f"held by other processes {len(report['held'])}")
     rows, md = summarize(out, study.get("ood_sets") or [], _failed_cells(out, [c.name for c in all_cells]))
     print(md, end="")
     print(f"{len(rows)} rows -> {out / 'results.csv'}, {out / 'results.md'}, {out / 'iou_vs_train_images.png'}")

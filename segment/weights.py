@@ -534,8 +534,12 @@ def export_encoder(
     method: str = "",
     data: str = "",
     steps: int = 0,
+    knn: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``encoder.safetensors`` (timm key names) + ``encoder.json`` into ``out_dir``, atomically.
+
+    ``knn`` (optional) records the pretraining's k-NN probe, e.g. ``{"top1_init": 0.80, "top1": 0.85}``,
+    so downstream tables can show the encoder's quality next to what it does after fine-tuning.
 
     ``segment`` rebuilds the encoder from the json alone: ``timm.create_model(timm_name,
     num_classes=0, in_chans=in_chans, **timm_kwargs)`` (``num_classes`` and ``in_chans`` are
@@ -563,6 +567,7 @@ def export_encoder(
         "method": method,
         "data": data,
         "steps": int(steps),
+        "knn": dict(knn or {}),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "version": _project_version(),
     }

@@ -547,12 +547,9 @@ def test_collect_runs_outside_a_grid(tmp_path):
     write_result(run, 0.9, 0.9, 1, sets=("test",))
     (run / "config.yaml").write_text("model:\n  name: cs_unet\n  encoder_weights:\n    swin: /x/ssl/export\n"
                                      "data:\n  root: /data/nasa/Super1\n  synthetic: null\ntrain:\n  seed: 3\n")
-    sys.path.insert(0, str(LAUNCH))
-    try:
-        import collect
-    finally:
-        sys.path.remove(str(LAUNCH))
-    rows, missing = collect.collect(tmp_path)
+    from segment import results
+
+    rows, missing = results.collect(tmp_path)
     assert missing == [] and len(rows) == 1
     assert {k: rows[0][k] for k in ("model", "weights", "data", "seed", "run")} == \
         {"model": "cs_unet", "weights": "swin:export", "data": "Super1", "seed": 3, "run": "runs/a"}

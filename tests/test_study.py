@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import math
 import statistics
 from pathlib import Path
@@ -21,7 +22,7 @@ def test_smoke_grid_expands_as_configured():
     cells = st.expand(st.load_study(SMOKE))
     assert len(cells) == 2 * 1 * 2 * 2  # models x inits x training sets x seeds
     assert [c.name for c in cells] == [
-        f"{m}__random__{t}__s{s}" for m in ("cs_unet_test", "unet_test") for t in ("synth2", "synth1") for s in (0, 1)]
+        f"{m}__random__{t}__s{s}" for s in (0, 1) for t in ("synth2", "synth1") for m in ("cs_unet_test", "unet_test")]
     c = cells[0]
     assert c.overrides[-1] == "train.seed=0" and "model.name=cs_unet_test" in c.overrides
     assert "data.n_train=2" in c.overrides and "data.crop_size=64" in c.overrides
@@ -99,7 +100,33 @@ def test_killed_study_resumes_without_rerunning_finished_cells(tmp_path, monkeyp
     assert {r["kind"] for r in rows if r["set"] == "shifted"} == {"ood"}
     assert all(r["n_train"] == 1 for r in rows) and all(r["wall_min"] >= 0 for r in rows)
     assert (out / "results.csv").is_file() and (out / "iou_vs_train_images.png").stat().st_size > 0
-    assert "cs_unet_test | random | 1 |" in md
+    assert "cs_unet_test | random | – | 1 |" in md
+    assert not any(out.rglob(st.CLAIM_FILE))  # claims are released
+
+
+def test_cells_claimed_by_another_live_process_are_left_to_it(tmp_path, monkeypatch):
+    """Two study processes can share one folder: a cell claimed by a live process is skipped, a claim left
+    by a dead process is taken over, and the claim is released when the cell ends."""
+    import socket
+    import subprocess
+
+    out = tmp_path / "study"
+    cells = st.select(st.expand(st.load_study(SMOKE, ["seeds=[0]"])), "synth1")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for cell, pid in zip(cells, (other.pid, dead.pid)):
+            (out / cell.name).mkdir(parents=True)
+            (out / cell.name / st.CLAIM_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+        calls: list[str] = []
+        monkeypatch.setattr(st, "train_cell", lambda cfg: (calls.append(Path(cfg.out).name), fake_train(cfg))[1])
+        report = st.run_study(cells, out)
+        assert report["held"] == [cells[0].name] and report["done"] == [cells[1].name] and calls == [cells[1].name]
+        assert (out / cells[0].name / st.CLAIM_FILE).is_file() and not (out / cells[1].name / st.CLAIM_FILE).exists()
+        assert st.claim(out / cells[1].name) and not st.claim(out / cells[0].name)
+    finally:
+        other.kill()
 
 
 def test_signal_stops_the_study_and_rerun_resumes_the_cell_from_its_checkpoint(tmp_path, monkeypatch):
@@ -180,7 +207,10 @@ def write_summary(run: Path, rows: list[dict], minutes: float | None = None, ima
 
 
 def test_aggregation_of_hand_written_results(tmp_path):
-    study = {"models": {"cs": [], "unet": []}, "inits": {"random": [], "pre": []},
+    enc = tmp_path / "export"  # an encoder export carrying its pretraining's k-NN probe
+    enc.mkdir()
+    (enc / "encoder.json").write_text(json.dumps({"timm_name": "resnet18", "knn": {"top1_init": 0.8, "top1": 0.85}}))
+    study = {"models": {"cs": [], "unet": []}, "inits": {"random": [], "pre": [f"+model.encoder_weights.cnn={enc}"]},
              "trainsets": {"super1": {"overrides": [], "images": 10}, "super3": {"overrides": [], "images": 1}},
              "seeds": [0, 1, 2]}
     cells = st.expand(study)
@@ -208,17 +238,18 @@ def test_aggregation_of_hand_written_results(tmp_path):
     assert (r0["model"], r0["init"], r0["trainset"], r0["seed"], r0["kind"], r0["n_train"]) == \
         ("cs", "pre", "super1", "0", "ood", "10")
     assert float(r0["nasa_iou_mean"]) == pytest.approx(0.7) and float(r0["wall_min"]) == 10
+    assert float(r0["knn_cnn"]) == 0.85
 
     vals = [100 * v for v in iou.values()]
     mean, sd = statistics.fmean(vals), statistics.stdev(vals)
     assert (round(mean, 2), round(sd, 2)) == (93.0, 3.61)
     lines = md.splitlines()
     assert "### super1 (10 training images)" in lines and "### super3 (1 training images)" in lines
-    assert "| set" not in md and lines[2].startswith("| test set | kind | model | init | seeds | NASA IoU |")
-    assert ("| test | in | cs | pre | 3 | 93.00 ± 3.61 | 83.00 ± 3.61 | 50.00 ± 0.00 | 73.00 ± 3.61 "
+    assert "| set" not in md and lines[2].startswith("| test set | kind | model | init | encoder k-NN | seeds | NASA IoU |")
+    assert ("| test | in | cs | pre | cnn 0.850 | 3 | 93.00 ± 3.61 | 83.00 ± 3.61 | 50.00 ± 0.00 | 73.00 ± 3.61 "
             "| 11.00 ± 1.00 |") in lines
-    assert "| super4_ood | ood | cs | pre | 3 | 73.00 ± 3.61 | 60.00 ± 0.00 | 10.00 ± 0.00 | 30.00 ± 0.00 | 11.00 ± 1.00 |" in lines
-    assert "| test | in | unet | random | 2 | 60.00 ± 14.14 | 60.00 ± 14.14 | 0.00 ± 0.00 | 60.00 ± 14.14 | 2.00 ± 0.00 |" in lines
+    assert "| super4_ood | ood | cs | pre | cnn 0.850 | 3 | 73.00 ± 3.61 | 60.00 ± 0.00 | 10.00 ± 0.00 | 30.00 ± 0.00 | 11.00 ± 1.00 |" in lines
+    assert "| test | in | unet | random | – | 2 | 60.00 ± 14.14 | 60.00 ± 14.14 | 0.00 ± 0.00 | 60.00 ± 14.14 | 2.00 ± 0.00 |" in lines
     assert math.isclose(statistics.stdev([50, 70]), 14.142, rel_tol=1e-3)
     # the cells without results are listed
     assert f"Cells without results ({24 - 5}): not run yet or interrupted:" in md
