@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,8 @@ PRETRAIN = LAUNCH / "slurm" / "pretrain.sbatch"
 FINETUNE = LAUNCH / "slurm" / "finetune.sbatch"
 SWEEP = LAUNCH / "slurm" / "sweep.sh"
 LOCAL = LAUNCH / "local.sh"
-SHELL_SCRIPTS = [LAUNCH / "env.sh", LAUNCH / "common.sh", LOCAL, PRETRAIN, FINETUNE, SWEEP]
+STUDY = LAUNCH / "slurm" / "study.sbatch"
+SHELL_SCRIPTS = [LAUNCH / "env.sh", LAUNCH / "common.sh", LOCAL, PRETRAIN, FINETUNE, SWEEP, STUDY]
 JOB_ID = 4242
 PORT = 20000 + JOB_ID % 10000
 
@@ -702,3 +704,24 @@ def test_real_finetune_cell_and_collect(tmp_path, stubs):
         assert float(row["miou"]) == pytest.approx(float(summary[row["set"]]["miou"]))
         assert int(row["best_epoch"]) == best["epoch"]
     assert "| test | cs_unet_lite | preset | 1 |" in r.stdout
+
+
+@pytest.mark.slow
+def test_two_study_array_tasks_share_the_grid_without_running_a_cell_twice(tmp_path, stubs):
+    """study.sbatch x 2 array tasks at once on one study folder (the smoke study, seed 0: 4 cells of a few
+    seconds): every cell is trained exactly once, by one of the two workers, and the table has them all."""
+    (stubs[0] / "python").unlink()
+    out = tmp_path / "study"
+    procs = []
+    for task in (0, 1):
+        env = slurm_env(tmp_path, stubs, 1, 1, "g1", SLURM_ARRAY_TASK_ID=task, MSEG_VENV=REPO / ".venv",
+                        SLURM_CPUS_PER_TASK=1, OMP_NUM_THREADS=1)
+        procs.append(subprocess.Popen(["bash", str(STUDY), "configs/study/smoke.yaml", str(out), "seeds=[0]"],
+                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    trained = [m.group(1) for log in logs for m in re.finditer(r"\] (\S+): training$", log, re.M)]
+    assert sorted(trained) == sorted({*trained}) and len(trained) == 4  # 4 cells, each trained once
+    assert all(json.loads((out / c / "study.json").read_text())["status"] == "done" for c in trained)
+    assert not list(out.rglob("claim.json"))
+    assert "Cells without results" not in (out / "results.md").read_text()

@@ -52,6 +52,16 @@ def test_default_grid_expands_and_composes(tmp_path):
     assert dict(cfg.model.encoder_weights) == {} and cfg.model.name == "swin_unet_lite"
 
 
+def test_paper_preset_expands_and_composes(tmp_path):
+    study = st.load_study(REPO / "configs" / "study" / "paper.yaml", ["encoders.cnn=/enc/r50", "encoders.swin=/enc/swt"])
+    cells = st.expand(study)
+    assert len(cells) == 108 and cells[0].seed == 0 and cells[-1].seed == 2
+    by = {c.name: c for c in cells}
+    cfg = st.compose_cell(by["cs_unet__pretrained__super3__s0"], tmp_path)
+    assert cfg.model.name == "cs_unet" and dict(cfg.model.encoder_weights) == {"cnn": "/enc/r50", "swin": "/enc/swt"}
+    assert cfg.data.crop_size == 512 and cfg.train.precision.value == "bf16" and cfg.train.patience == 30
+
+
 def test_per_model_init_skips_models_not_listed():
     study = {"models": ["unet_lite", "cs_unet_test"], "seeds": [0],
              "inits": {"random": [], "micronet": {"unet_lite": ["+model.encoder_weights.cnn=x"]}},
