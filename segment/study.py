@@ -20,6 +20,7 @@ in its format: cell, model, weights = initialisation, data = training set, seed)
 Study config (YAML, OmegaConf interpolation allowed; see configs/study/):
   models:    {name: [finetune overrides]}    (or a list of names: ``model=NAME`` / ``model.name=NAME``)
   inits:     {name: [overrides]} or {name: {model: [overrides]}} (models not listed: no such cell)
+  optional_inits: [init names whose cells exist only where all their encoder_weights paths exist]
   trainsets: {name: [overrides]} or {name: {overrides: [...], family: super, images: 10}}
   seeds:     [0, 1, 2]
   common:    [overrides for every cell]
@@ -104,6 +105,7 @@ def expand(study: dict[str, Any]) -> list[Cell]:
     trainsets = study.get("trainsets") or {}
     seeds = [int(s) for s in study.get("seeds", [0])]
     common = list(study.get("common") or [])
+    optional = set(study.get("optional_inits") or [])
     if not models or not trainsets:
         raise ValueError("the study needs at least one model and one training set")
     cells = []
@@ -121,6 +123,8 @@ def expand(study: dict[str, Any]) -> list[Cell]:
                         i_over = list(i_spec[model] or [])
                     else:
                         i_over = list(i_spec or [])
+                    if init in optional and not _weights_present(i_over):
+                        continue  # e.g. user-given encoder files that this machine does not have
                     cells.append(Cell(model, init, ts, seed,
                                       [*common, *m_over, *i_over, *t_over, f"train.seed={seed}"],
                                       family, int(images) if images is not None else None))
@@ -128,6 +132,12 @@ def expand(study: dict[str, Any]) -> list[Cell]:
     if len(set(names)) != len(names):
         raise ValueError("duplicate cell names: model, init and training-set names must be unique")
     return cells
+
+
+def _weights_present(overrides: list[str]) -> bool:
+    """True when every ``model.encoder_weights.<branch>=PATH`` in ``overrides`` names an existing file or folder."""
+    paths = [tok.partition("=")[2] for tok in overrides if tok.lstrip("+").startswith("model.encoder_weights.")]
+    return bool(paths) and all(p and Path(p).exists() for p in paths)
 
 
 def select(cells: list[Cell], pattern: Optional[str]) -> list[Cell]:

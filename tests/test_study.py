@@ -72,6 +72,20 @@ def test_per_model_init_skips_models_not_listed():
     assert "model=unet_lite" in cells[0].overrides and "model.name=cs_unet_test" in cells[2].overrides
 
 
+def test_optional_inits_expand_only_where_their_encoder_files_exist(tmp_path):
+    have = tmp_path / "resnet18_imagenet.pth"
+    have.write_bytes(b"x")
+    study = {"models": ["unet_lite", "cs_unet_lite"], "seeds": [0], "trainsets": {"a": ["data=super1"]},
+             "inits": {"random": [], "user": {"unet_lite": [f"+model.encoder_weights.cnn={have}"],
+                                               "cs_unet_lite": [f"+model.encoder_weights.cnn={have}",
+                                                                "+model.encoder_weights.swin="]}},
+             "optional_inits": ["user"]}
+    assert [c.name for c in st.expand(study)] == ["unet_lite__random__a__s0", "unet_lite__user__a__s0",
+                                                  "cs_unet_lite__random__a__s0"]  # no swin file: no cs_unet/user
+    study["optional_inits"] = []  # not optional: the cell exists (and would fail loudly when run)
+    assert len(st.expand(study)) == 4
+
+
 # ------------------------------------------------------------------------------------ running
 def test_killed_study_resumes_without_rerunning_finished_cells(tmp_path, monkeypatch):
     out = tmp_path / "study"
