@@ -25,6 +25,7 @@ Study config (YAML, OmegaConf interpolation allowed; see configs/study/):
   seeds:     [0, 1, 2]
   common:    [overrides for every cell]
   ood_sets:  [test-set names counted as out of distribution]
+  comparisons: [{factor: init|model, a: LEVEL, b: LEVEL}]  (paired-by-seed differences in results.md)
 """
 from __future__ import annotations
 
@@ -463,11 +464,57 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
     return path
 
 
-def summarize(out: Path, ood_sets: list[str] | tuple[str, ...] = (), failed: list[str] = ()) -> tuple[list[dict], str]:
-    """Write results.csv, results.md and iou_vs_train_images.png in OUT; returns rows and the Markdown."""
+def paired_effects(rows: list[dict], factor: str, a: str, b: str, metric: str = "nasa_iou_mean") -> list[dict]:
+    """``a`` minus ``b`` for one factor (``init`` or ``model``), paired by seed with every other factor
+    equal: per training set, test set and the other factor, the per-seed differences of ``metric``."""
+    other = "model" if factor == "init" else "init"
+    table: dict[tuple, dict[str, dict[Any, float]]] = defaultdict(lambda: {a: {}, b: {}})
+    for r in rows:
+        level, v = str(r[factor]), r.get(metric)
+        if level in (a, b) and isinstance(v, (int, float)) and math.isfinite(v):
+            table[(str(r["trainset"]), str(r["set"]), str(r[other]))][level][r["seed"]] = float(v)
+    out = []
+    for (ts, set_name, lvl), by in table.items():
+        seeds = sorted(set(by[a]) & set(by[b]), key=str)
+        if seeds:
+            diffs = [by[a][s] - by[b][s] for s in seeds]
+            out.append(dict(trainset=ts, set=set_name, other=lvl, diffs=diffs, kind=next(
+                (r["kind"] for r in rows if str(r["set"]) == set_name), "")))
+    return out
+
+
+def effects_markdown(rows: list[dict], comparisons: list[dict]) -> str:
+    """One table per comparison (``{factor: init, a: pretrained, b: random}``): mean ± std of the paired
+    differences in NASA IoU points, and how many seeds ``a`` won."""
+    lines: list[str] = []
+    for c in comparisons:
+        factor, a, b = c["factor"], str(c["a"]), str(c["b"])
+        eff = paired_effects(rows, factor, a, b)
+        if not eff:
+            continue
+        other = "model" if factor == "init" else "init"
+        lines += [f"### {a} − {b} (NASA IoU points, paired by seed)", "",
+                  f"| training set | test set | kind | {other} | seeds | Δ mean ± std | {a} better |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for e in sorted(eff, key=lambda e: (e["trainset"], e["kind"], e["set"], e["other"])):
+            d = [100 * x for x in e["diffs"]]
+            ms = f"{statistics.fmean(d):+.2f}" + (f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else "")
+            lines.append(f"| {e['trainset']} | {e['set']} | {e['kind']} | {e['other']} | {len(d)} | {ms} | "
+                         f"{sum(x > 0 for x in d)}/{len(d)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summarize(out: Path, ood_sets: list[str] | tuple[str, ...] = (), failed: list[str] = (),
+              comparisons: list[dict] | None = None) -> tuple[list[dict], str]:
+    """Write results.csv, results.md (with the paired ``comparisons``) and iou_vs_train_images.png in OUT;
+    returns rows and the Markdown."""
     out = Path(out)
     rows, missing = aggregate(out, ood_sets)
     md = markdown(rows, missing, failed)
+    if comparisons and rows:
+        extra = effects_markdown(rows, comparisons)
+        md = md + ("\n## Paired comparisons\n\n" + extra if extra else "")
     if rows:
         results.write_csv(rows, out / "results.csv")
         plot(rows, out / "iou_vs_train_images.png")
@@ -516,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done {len(report['done'])}, skipped (finished) {len(report['skipped'])}, "
               f"failed {len(report['failed'])}, interrupted {len(report['interrupted'])}, "
               f"held by other processes {len(report['held'])}")
-    rows, md = summarize(out, study.get("ood_sets") or [], _failed_cells(out, [c.name for c in all_cells]))
+    rows, md = summarize(out, study.get("ood_sets") or [], _failed_cells(out, [c.name for c in all_cells]),
+                         study.get("comparisons") or [])
     print(md, end="")
     print(f"{len(rows)} rows -> {out / 'results.csv'}, {out / 'results.md'}, {out / 'iou_vs_train_images.png'}")
     return 1 if report["failed"] or report["interrupted"] else 0

@@ -280,3 +280,20 @@ def test_aggregation_of_hand_written_results(tmp_path):
     assert "- unet__random__super3__s2" in lines
     assert (out / "results.md").read_text() == md
     assert (out / "iou_vs_train_images.png").stat().st_size > 0
+
+
+def test_paired_effects_of_hand_written_results():
+    def row(model, init, seed, v, s="test", kind="in"):
+        return {"model": model, "init": init, "seed": seed, "trainset": "super3", "set": s, "kind": kind,
+                "nasa_iou_mean": v}
+    rows = [row("cs", "pre", 0, 0.90), row("cs", "pre", 1, 0.80), row("cs", "pre", 2, 0.85),
+            row("cs", "rnd", 0, 0.85), row("cs", "rnd", 1, 0.82),  # seed 2 missing: not paired
+            row("unet", "pre", 0, 0.70, "super4_ood", "ood"), row("unet", "rnd", 0, 0.75, "super4_ood", "ood"),
+            row("unet", "rnd", 1, float("nan"))]
+    eff = {(e["other"], e["set"]): e for e in st.paired_effects(rows, "init", "pre", "rnd")}
+    assert set(eff) == {("cs", "test"), ("unet", "super4_ood")}
+    assert eff[("cs", "test")]["diffs"] == pytest.approx([0.05, -0.02])
+    md = st.effects_markdown(rows, [{"factor": "init", "a": "pre", "b": "rnd"}, {"factor": "model", "a": "cs", "b": "unet"}])
+    assert "| super3 | test | in | cs | 2 | +1.50 ± 4.95 | 1/2 |" in md
+    assert "| super3 | super4_ood | ood | unet | 1 | -5.00 | 0/1 |" in md
+    assert "cs − unet" not in md  # no cs/unet pair shares a test set and init
