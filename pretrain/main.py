@@ -485,7 +485,7 @@ def _readable(module: nn.Module) -> Iterator[nn.Module]:
 def export_backbone(method, spec: Mapping[str, Any], out_dir: Path, *, cfg: PretrainConfig, steps: int,
                     data: str, accelerator, knn: Mapping[str, Any] | None = None) -> None:
     """Export the teacher backbone (the student's for methods without a teacher) with
-    :func:`segment.weights.export_encoder`, as fp32 in a fresh timm model built from ``spec``.
+    :func:`pretrain.export.export_encoder`, as fp32 in a fresh timm model built from ``spec``.
 
     Collective. Under ZeRO-3 the teacher is a plain module outside the engine, so nothing is
     gathered; a teacherless student is gathered on every rank first. Under bf16 the student's
@@ -493,7 +493,7 @@ def export_backbone(method, spec: Mapping[str, Any], out_dir: Path, *, cfg: Pret
     """
     import timm
 
-    from segment.weights import export_encoder
+    from pretrain.export import export_encoder
 
     backbone = method.teacher_backbone()
     state: dict[str, torch.Tensor] = {}

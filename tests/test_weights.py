@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pretrain.export import export_encoder
 from segment.weights import (
     ENCODER_FILE,
     ENCODER_META,
     LoadReport,
     WeightsMismatchError,
-    export_encoder,
     load_encoder_weights,
     load_model_encoders,
     read_checkpoint,
