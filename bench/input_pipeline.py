@@ -21,7 +21,7 @@ decode with our readers (the peer needs a loader that keeps 16-bit TIFF; PIL's d
 it also collapses the NASA files' equal RGB channels on every read, which the shards did once) and
 run the same `TwoViews` object:
 224 px, scale (0.2, 1.0), 1 channel, mean 0.5 / std 0.25 (the config defaults used by
-`pretrain.main.build_views` for SimCLR/MoCo/BYOL; `--views multicrop` gives DINO's 2x224 + 6x96).
+`pretrain.train.build_views` for SimCLR/MoCo/BYOL; `--views multicrop` gives DINO's 2x224 + 6x96).
 
 Each measurement builds a fresh loader, drops `--warmup` batches (worker start, our 4 x 32-sample
 cross-worker mix buffer filling), then times `--batches` batches of 32; images/s = 32 x batches /
@@ -156,7 +156,7 @@ def read_gray(path: str) -> np.ndarray:
 
 
 def make_views(kind: str):
-    """The recipe's views from the config defaults (as ``pretrain.main.build_views``)."""
+    """The recipe's views from the config defaults (as ``pretrain.train.build_views``)."""
     from pretrain.config import DataConfig, EncoderConfig, ViewsConfig
     from pretrain.views import MultiCrop, TwoViews
 

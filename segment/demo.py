@@ -46,7 +46,10 @@ def _compose(name: str, overrides: list[str]):
 
 def pretrain_encoders(out: Path) -> tuple[dict[str, Path], dict[str, dict]]:
     """DINO-pretrain one encoder per CS-UNet branch; the second run reuses the first run's shards."""
-    from pretrain.main import train as pretrain
+    from pretrain.config import register_configs
+    from pretrain.train import train as pretrain
+
+    register_configs()
 
     exports: dict[str, Path] = {}
     results: dict[str, dict] = {}

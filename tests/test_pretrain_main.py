@@ -1,4 +1,4 @@
-"""pretrain.main / config / knn / checkpointing: single-process runs on tiny models and data (CPU)."""
+"""pretrain.main / train / config / knn / checkpointing: single-process runs on tiny models and data (CPU)."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,8 @@ from pretrain.knn import (
     refit_batchnorm,
     write_synthetic_holdout,
 )
-from pretrain.main import CONFIG_DIR, deepspeed_config, peak_lr, resolve_out_override, train
+from pretrain.main import resolve_out_override  # importing pretrain.main registers the Hydra schemas
+from pretrain.train import CONFIG_DIR, deepspeed_config, peak_lr, train
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -115,7 +116,7 @@ def test_swin_export_loads_into_the_cs_unet_swin_branch(tmp_path):
     from accelerate import Accelerator
 
     from pretrain.encoders import build_encoder
-    from pretrain.main import export_backbone
+    from pretrain.train import export_backbone
     from pretrain.methods import create_method
     from segment.models import create_model
     from segment.weights import load_model_encoders
