@@ -420,7 +420,9 @@ def markdown(rows: list[dict], missing: list[str], failed: list[str] = ()) -> st
 
 
 def plot(rows: list[dict], path: Path) -> Optional[Path]:
-    """NASA IoU vs number of training images; a line per model/init(/family), a panel per test-set kind."""
+    """NASA IoU vs number of training images: a panel per data family (row) and test-set kind (column: in /
+    out of distribution); colour = model, line style = initialisation (solid for the first init listed
+    in the rows, dashed, dotted, ... for the others); error bars = std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -429,37 +431,47 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
     kinds = [k for k in ("in", "ood") if any(r["kind"] == k for r in rows)]
     if not kinds:
         return None
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
-    families = {str(r.get("family", "")) for r in rows}
-    for ax, kind in zip(axes[0], kinds):
-        pts: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for r in rows:
-            v, n = r.get("nasa_iou_mean"), r.get("n_train")
-            if r["kind"] != kind or not isinstance(v, (int, float)) or not math.isfinite(v):
-                continue
-            if not isinstance(n, (int, float)) or not math.isfinite(n):
-                continue
-            pts[(str(r["model"]), str(r["init"]), str(r.get("family", "")))][float(n)].append(100 * v)
-        for (model, init, fam), by_n in sorted(pts.items()):
-            xs = sorted(by_n)
-            ys = [statistics.fmean(by_n[x]) for x in xs]
-            es = [statistics.stdev(by_n[x]) if len(by_n[x]) > 1 else 0.0 for x in xs]
-            label = f"{model} / {init}" + (f" ({fam})" if len(families) > 1 and fam else "")
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-        ax.set_xscale("log")
-        ticks = sorted({x for by_n in pts.values() for x in by_n})
-        if ticks:
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-            ax.minorticks_off()
-        ax.set_xlabel("training images")
-        ax.set_ylabel("NASA IoU (%)")
-        ax.set_title("in distribution" if kind == "in" else "out of distribution")
-        ax.grid(alpha=0.3)
-        if pts:
-            ax.legend(fontsize=8)
+    families = sorted({str(r.get("family", "")) for r in rows})
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    inits = sorted({str(r["init"]) for r in rows}, key=lambda i: (i != "pretrained", i))
+    colours = {m: f"C{i}" for i, m in enumerate(models)}
+    styles = {init: ("-", "--", ":", "-.")[i % 4] for i, init in enumerate(inits)}
+    fig, axes = plt.subplots(len(families), len(kinds), figsize=(6 * len(kinds), 4.2 * len(families)),
+                             squeeze=False)
+    for fi, fam in enumerate(families):
+        for ki, kind in enumerate(kinds):
+            ax = axes[fi][ki]
+            pts: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+            for r in rows:
+                v, n = r.get("nasa_iou_mean"), r.get("n_train")
+                if r["kind"] != kind or str(r.get("family", "")) != fam:
+                    continue
+                if not isinstance(v, (int, float)) or not math.isfinite(v):
+                    continue
+                if not isinstance(n, (int, float)) or not math.isfinite(n):
+                    continue
+                pts[(str(r["model"]), str(r["init"]))][float(n)].append(100 * v)
+            for (model, init), by_n in sorted(pts.items()):
+                xs = sorted(by_n)
+                ys = [statistics.fmean(by_n[x]) for x in xs]
+                es = [statistics.stdev(by_n[x]) if len(by_n[x]) > 1 else 0.0 for x in xs]
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colours[model], linestyle=styles[init],
+                            label=f"{model} / {init}")
+            ax.set_xscale("log")
+            ticks = sorted({x for by_n in pts.values() for x in by_n})
+            if ticks:
+                ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+                ax.minorticks_off()
+            ax.set_xlabel("training images")
+            ax.set_ylabel("NASA IoU (%)")
+            where = "in distribution" if kind == "in" else "out of distribution"
+            ax.set_title(f"{fam}: {where}" if fam else where)
+            ax.grid(alpha=0.3)
+            if pts:
+                ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
