@@ -279,6 +279,7 @@ def run_study(cells: list[Cell], out: Path, *, dry_run: bool = False,
             run.mkdir(parents=True, exist_ok=True)
             _write_json(run / STATUS_FILE, dict(status="done", wall_s=time.time() - t0,
                                                 train_minutes=result.get("minutes"),
+                                                steps=result.get("global_step"), stopped=result.get("stopped"),
                                                 train_images=result.get("train_images"),
                                                 overrides=cell.overrides))
             report["done"].append(cell.name)
@@ -303,33 +304,30 @@ def run_study(cells: list[Cell], out: Path, *, dry_run: bool = False,
 
 
 # ------------------------------------------------------------------------------------ aggregation
-def _train_info(run: Path) -> tuple[Optional[int], float]:
-    """(number of training images, training wall time in minutes) of a finished run."""
-    n, minutes = None, math.nan
-    status = run / STATUS_FILE
-    if status.is_file():
+def _train_info(run: Path) -> dict[str, Any]:
+    """Of a finished run: training images (count), training wall minutes, optimizer steps and why training
+    stopped (NaN / "" when unknown)."""
+    info: dict[str, Any] = {"n_train": None, "wall_min": math.nan, "steps": math.nan, "stopped": ""}
+
+    def read(path: Path) -> dict:
         try:
-            s = json.loads(status.read_text())
-            if s.get("train_images"):
-                n = len(s["train_images"])
-            if s.get("train_minutes") is not None:
-                minutes = float(s["train_minutes"])
+            return json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
-            pass
-    meta = run / "best" / "model.json"
-    if n is None and meta.is_file():
-        try:
-            imgs = json.loads(meta.read_text()).get("train_images")
-            n = len(imgs) if imgs else None
-        except (OSError, ValueError):
-            pass
-    trainer = run / "state" / "trainer.json"
-    if not math.isfinite(minutes) and trainer.is_file():
-        try:
-            minutes = float(json.loads(trainer.read_text())["elapsed"]) / 60
-        except (OSError, ValueError, KeyError):
-            pass
-    return n, minutes
+            return {}
+
+    status, meta, trainer = read(run / STATUS_FILE), read(run / "best" / "model.json"), read(run / "state" / "trainer.json")
+    images = status.get("train_images") or meta.get("train_images")
+    if images:
+        info["n_train"] = len(images)
+    minutes = status.get("train_minutes")
+    if minutes is None and "elapsed" in trainer:
+        minutes = float(trainer["elapsed"]) / 60
+    if minutes is not None:
+        info["wall_min"] = float(minutes)
+    if "global_step" in trainer:
+        info["steps"] = int(trainer["global_step"])
+    info["stopped"] = str(status.get("stopped") or "")
+    return info
 
 
 def encoder_knn(overrides: str) -> dict[str, float]:
@@ -361,11 +359,12 @@ def aggregate(out: Path, ood_sets: list[str] | tuple[str, ...] = ()) -> tuple[li
         g = grid.get(run.name, {})
         r["init"], r["trainset"] = r["weights"], r["data"]
         r["family"] = g.get("family", "")
-        n, minutes = _train_info(run)
+        info = _train_info(run)
+        n = info["n_train"]
         if n is None and g.get("images"):
             n = int(g["images"])
         r["n_train"] = n if n is not None else math.nan
-        r["wall_min"] = minutes
+        r["wall_min"], r["steps"], r["stopped"] = info["wall_min"], info["steps"], info["stopped"]
         r["kind"] = "ood" if r["set"] in ood_sets else "in"
         r.update(encoder_knn(g.get("overrides", "")))
     return rows, missing
@@ -411,6 +410,15 @@ def markdown(rows: list[dict], missing: list[str], failed: list[str] = ()) -> st
                   "pooled over its pixels (segment.evaluate). kind: in / ood (out of distribution). encoder k-NN: "
                   "top-1 of the pretrained encoder(s) on the pretraining's k-NN holdout, per branch (from its "
                   "encoder.json). train min: training wall time in minutes.", ""]
+    steps = {str(r["run"]): (r["steps"], str(r.get("stopped") or "")) for r in rows if isinstance(r.get("steps"), int)}
+    if steps:
+        counts = [n for n, _ in steps.values()]
+        common = max(set(counts), key=counts.count)
+        short = sorted((run, n, why) for run, (n, why) in steps.items() if n < common)
+        lines += [f"Optimizer steps: {common} in {counts.count(common)} of {len(steps)} cells"
+                  + (f"; fewer in {len(short)} (early stopping or the time budget):" if short else ".")
+                  + ("" if short else " No cell stopped early."), ""]
+        lines += [f"- {run}: {n} steps" + (f" ({why})" if why else "") for run, n, why in short] + ([""] if short else [])
     if failed:
         lines += [f"Failed cells ({len(failed)}; see failures.csv and CELL/study.json):", ""] + [f"- {c}" for c in failed] + [""]
     rest = [c for c in missing if c not in set(failed)]

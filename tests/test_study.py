@@ -253,7 +253,15 @@ def test_aggregation_of_hand_written_results(tmp_path):
                       [{"set": "test", "nasa_iou_mean": v, "iou_matrix": v, "iou_tertiary": 0.0, "miou": v}],
                       minutes=2.0, images=1)
 
+    for s, steps in {0: 64, 1: 64, 2: 40}.items():  # seed 2 stopped by the time budget
+        (out / f"cs__pre__super1__s{s}" / "state").mkdir()
+        (out / f"cs__pre__super1__s{s}" / "state" / "trainer.json").write_text(json.dumps({"global_step": steps}))
+    status = out / "cs__pre__super1__s2" / st.STATUS_FILE
+    status.write_text(json.dumps({**json.loads(status.read_text()), "stopped": "time budget of 3 min"}))
+
     rows, md = st.summarize(out, ["super4_ood"])
+    assert "Optimizer steps: 64 in 2 of 3 cells; fewer in 1 (early stopping or the time budget):" in md
+    assert "- cs__pre__super1__s2: 40 steps (time budget of 3 min)" in md
     assert len(rows) == 3 * 2 + 2
     with (out / "results.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
