@@ -484,6 +484,25 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
     return path
 
 
+def overview_markdown(rows: list[dict]) -> str:
+    """One table: a row per (training set, test set), a column per model/init, NASA IoU mean ± std in %."""
+    combos = list(dict.fromkeys((str(r["model"]), str(r["init"])) for r in rows))
+    combos.sort(key=lambda c: ([str(r["model"]) for r in rows].index(c[0]), c[1] != "random", c[1]))
+    groups: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
+    order: dict[tuple, None] = {}
+    for r in rows:
+        key = (str(r["trainset"]), str(r["set"]), r["kind"], r["n_train"])
+        order.setdefault(key)
+        groups[key][(str(r["model"]), str(r["init"]))].append(r.get("nasa_iou_mean"))
+    head = ["training set", "images", "test set", "kind", *[f"{m} / {i}" for m, i in combos]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * len(combos)) + "|"]
+    for key in sorted(order, key=lambda k: (k[0], k[2] != "in", k[1])):
+        ts, set_name, kind, n = key
+        n_txt = f"{n:g}" if isinstance(n, (int, float)) and math.isfinite(n) else "?"
+        lines.append("| " + " | ".join([ts, n_txt, set_name, kind, *[results.mean_std(groups[key][c]) for c in combos]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def paired_effects(rows: list[dict], factor: str, a: str, b: str, metric: str = "nasa_iou_mean") -> list[dict]:
     """``a`` minus ``b`` for one factor (``init`` or ``model``), paired by seed with every other factor
     equal: per training set, test set and the other factor, the per-seed differences of ``metric``."""
@@ -532,6 +551,8 @@ def summarize(out: Path, ood_sets: list[str] | tuple[str, ...] = (), failed: lis
     out = Path(out)
     rows, missing = aggregate(out, ood_sets)
     md = markdown(rows, missing, failed)
+    if rows:
+        md = "## NASA IoU overview (%, mean ± std over seeds)\n\n" + overview_markdown(rows) + "\n## Per training set\n\n" + md
     if comparisons and rows:
         extra = effects_markdown(rows, comparisons)
         md = md + ("\n## Paired comparisons\n\n" + extra if extra else "")
