@@ -11,12 +11,16 @@ kept in `--corpus DIR`). Every file is read once before timing, so both sides st
 
 Ours: `write_shards([folder], out, maxcount=--maxcount, workers=W, progress=False)` into a fresh
 folder: plans shards from the image headers, decodes every file (16 bits kept, equal RGB channels
-collapsed), re-encodes it as a lossless gray PNG (zlib level 6) with a JSON record, sha256 of every
+collapsed), re-encodes it as a lossless gray PNG (zlib level ``pretrain.shards._PNG_LEVEL``) with a JSON record, sha256 of every
 shard, fsync + rename, manifest. W = 1 runs in this process; W = 2 starts a 'spawn' pool (its start-up
 is part of the time). Peer: `tar -c -h -f out.tar -C folder .` (links followed) plus an fsync of the
 archive, so both sides end with data on disk; tar only copies bytes. The ratio ours/tar is therefore
 the price of the lossless re-encode, checksums and the resumable plan, not of a slower tar writer.
 The three writers alternate (order rotated every repeat); the table gives the median of `--repeats`.
+
+``--png-levels 6 1`` adds an encode-only table: `pretrain.shards._encode` of every corpus image (gray,
+native dtype) at each zlib level, levels alternating, median of `--repeats`: MB/s of raw pixels and
+encoded size. It is how the writer's level (1) was chosen.
 """
 from __future__ import annotations
 
@@ -44,6 +48,41 @@ def run_ours(images: Path, out: Path, workers: int, maxcount: int) -> tuple[floa
     return wall, manifest.total_bytes, manifest.total_samples
 
 
+def encode_levels(files: list[Path], levels: list[int], repeats: int) -> str:
+    """Encode-only throughput and size of the shard PNG encoding at each zlib level (see the docstring)."""
+    import numpy as np
+
+    import pretrain.shards as shards
+    from pretrain.io import read_raw
+
+    images = []
+    for f in files:
+        a = np.asarray(read_raw(f))
+        images.append(a if a.ndim == 2 else np.ascontiguousarray(a[..., 0]))
+    raw = sum(a.nbytes for a in images)
+    walls: dict[int, list[float]] = {lvl: [] for lvl in levels}
+    sizes: dict[int, int] = {}
+    saved = shards._PNG_LEVEL
+    try:
+        for _ in range(repeats):
+            for lvl in levels:
+                shards._PNG_LEVEL = lvl
+                t0 = time.perf_counter()
+                sizes[lvl] = sum(len(shards._encode(a)[1]) for a in images)
+                walls[lvl].append(time.perf_counter() - t0)
+    finally:
+        shards._PNG_LEVEL = saved
+    base = statistics.median(walls[levels[0]])
+    lines = [f"PNG encoding only, {len(images)} images, {raw / 1e6:.1f} MB of raw pixels, median of {repeats}", "",
+             f"| zlib level | s | raw MB/s | encoded MB | encoded / raw | speed vs level {levels[0]} |",
+             "|---|---|---|---|---|---|"]
+    for lvl in levels:
+        wall = statistics.median(walls[lvl])
+        lines.append(f"| {lvl} | {wall:.2f} | {raw / wall / 1e6:.1f} | {sizes[lvl] / 1e6:.1f} | {sizes[lvl] / raw:.3f} | "
+                     f"{base / wall:.2f} |")
+    return "\n".join(lines)
+
+
 def run_tar(images: Path, out: Path) -> tuple[float, int, int]:
     t0 = time.perf_counter()
     subprocess.run(["tar", "-c", "-h", "-f", str(out), "-C", str(images), "--exclude=./.*", "."], check=True)
@@ -68,6 +107,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, help="build/reuse the image folder here (kept)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here (e.g. bench/results/)")
+    parser.add_argument("--png-levels", type=int, nargs="+", help="also time the PNG encoding alone at these zlib levels")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
@@ -84,6 +124,9 @@ def main() -> None:
         mb = info["bytes"] / 1e6
         print(f"corpus: {info['files']} files {info['counts']}, {mb:.1f} MB ({time.perf_counter() - t0:.0f} s)",
               flush=True)
+        if args.png_levels:
+            levels_table = encode_levels(files, args.png_levels, args.repeats)
+            print(levels_table + "\n", flush=True)
         for r in range(args.repeats):
             order = writers[r % len(writers):] + writers[:r % len(writers)]
             for name, w in order:
