@@ -354,19 +354,26 @@ def aggregate(out: Path, ood_sets: list[str] | tuple[str, ...] = ()) -> tuple[li
     out = Path(out).resolve()
     rows, missing = results.collect(out)
     grid = results.read_grid(out)
+    infos: dict[str, dict[str, Any]] = {}  # per cell, not per row: a cell has a row per test set
+    knns: dict[str, dict[str, float]] = {}
     for r in rows:
         run = out / r["run"]
         g = grid.get(run.name, {})
         r["init"], r["trainset"] = r["weights"], r["data"]
         r["family"] = g.get("family", "")
-        info = _train_info(run)
+        if r["run"] not in infos:
+            infos[r["run"]] = _train_info(run)
+        info = infos[r["run"]]
         n = info["n_train"]
         if n is None and g.get("images"):
             n = int(g["images"])
         r["n_train"] = n if n is not None else math.nan
         r["wall_min"], r["steps"], r["stopped"] = info["wall_min"], info["steps"], info["stopped"]
         r["kind"] = "ood" if r["set"] in ood_sets else "in"
-        r.update(encoder_knn(g.get("overrides", "")))
+        overrides = g.get("overrides", "")
+        if overrides not in knns:
+            knns[overrides] = encoder_knn(overrides)
+        r.update(knns[overrides])
     return rows, missing
 
 
@@ -486,8 +493,9 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
 
 def overview_markdown(rows: list[dict]) -> str:
     """One table: a row per (training set, test set), a column per model/init, NASA IoU mean ± std in %."""
-    combos = list(dict.fromkeys((str(r["model"]), str(r["init"])) for r in rows))
-    combos.sort(key=lambda c: ([str(r["model"]) for r in rows].index(c[0]), c[1] != "random", c[1]))
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    combos = sorted({(str(r["model"]), str(r["init"])) for r in rows},
+                    key=lambda c: (models.index(c[0]), c[1] != "random", c[1]))
     groups: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))
     order: dict[tuple, None] = {}
     for r in rows:
@@ -511,14 +519,12 @@ def paired_effects(rows: list[dict], factor: str, a: str, b: str, metric: str = 
     for r in rows:
         level, v = str(r[factor]), r.get(metric)
         if level in (a, b) and isinstance(v, (int, float)) and math.isfinite(v):
-            table[(str(r["trainset"]), str(r["set"]), str(r[other]))][level][r["seed"]] = float(v)
+            table[(str(r["trainset"]), str(r["set"]), r["kind"], str(r[other]))][level][r["seed"]] = float(v)
     out = []
-    for (ts, set_name, lvl), by in table.items():
+    for (ts, set_name, kind, lvl), by in table.items():
         seeds = sorted(set(by[a]) & set(by[b]), key=str)
         if seeds:
-            diffs = [by[a][s] - by[b][s] for s in seeds]
-            out.append(dict(trainset=ts, set=set_name, other=lvl, diffs=diffs, kind=next(
-                (r["kind"] for r in rows if str(r["set"]) == set_name), "")))
+            out.append(dict(trainset=ts, set=set_name, kind=kind, other=lvl, diffs=[by[a][s] - by[b][s] for s in seeds]))
     return out
 
 
