@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from segment.checkpoint import atomic_write_text  # noqa: E402
+from pretrain.io import atomic_path, atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,9 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -28,6 +28,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from pretrain.io import atomic_path, atomic_write_text
+
 FACTORS = ("model", "weights", "data", "seed")
 GRID_FILE = "grid.tsv"
 
@@ -149,14 +151,11 @@ def _cell(v: Any) -> Any:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns(rows), lineterminator="\n")
         w.writeheader()
         for r in rows:
             w.writerow({k: _cell(v) for k, v in r.items()})
-    tmp.replace(path)
 
 
 def mean_std(values: list[float]) -> str:
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     md_path = args.md or args.sweep / "results.md"
     write_csv(rows, csv_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(md)
+    atomic_write_text(md_path, md)
     print(md, end="")
     print(f"{len(rows)} rows from {len({r['run'] for r in rows})} runs -> {csv_path}, {md_path}", file=sys.stderr)
     return 0

@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pretrain.io import atomic_path, atomic_write_text
 from segment import results
 
 log = logging.getLogger("segment.study")
@@ -201,16 +202,12 @@ def release(run: Path) -> None:
 
 def write_grid(cells: list[Cell], out: Path) -> None:
     """``OUT/grid.tsv`` in segment.results' format (weights = init, data = training set)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / results.GRID_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(out / results.GRID_FILE) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["cell", "model", "weights", "data", "seed", "family", "images", "overrides"])
         for c in cells:
             w.writerow([c.name, c.model, c.init, c.trainset, c.seed, c.family,
                         "" if c.images is None else c.images, " ".join(c.overrides)])
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -235,9 +232,7 @@ def train_cell(cfg) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def run_study(cells: list[Cell], out: Path, *, dry_run: bool = False,
@@ -485,8 +480,8 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
             if pts:
                 ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -565,7 +560,7 @@ def summarize(out: Path, ood_sets: list[str] | tuple[str, ...] = (), failed: lis
     if rows:
         results.write_csv(rows, out / "results.csv")
         plot(rows, out / "iou_vs_train_images.png")
-    (out / "results.md").write_text(md)
+    atomic_write_text(out / "results.md", md)
     return rows, md
 
 

@@ -153,6 +153,20 @@ def test_cells_claimed_by_another_live_process_are_left_to_it(tmp_path, monkeypa
         other.kill()
 
 
+def test_shared_files_survive_concurrent_writers(tmp_path):
+    """Study processes sharing a folder rewrite grid.tsv and the results at the same moments; each
+    write goes through its own temp file, so none fails and the file is always complete (CI once caught
+    two workers racing on one fixed temp name)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cells = st.expand(st.load_study(SMOKE))
+    out = tmp_path / "study"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: st.write_grid(cells, out), range(64)))
+    assert len((out / "grid.tsv").read_text().splitlines()) == len(cells) + 1
+    assert sorted(p.name for p in out.iterdir()) == ["grid.tsv"]  # no temp files left behind
+
+
 def test_signal_stops_the_study_and_rerun_resumes_the_cell_from_its_checkpoint(tmp_path, monkeypatch):
     """SIGTERM (here: the real Preemption handler told to fire at step 2) ends the study, not just the cell."""
     import segment.finetune as ft
