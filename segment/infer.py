@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pretrain.io import canonical_intensity, scale_intensity
+from segment.zoom import check_zoom, resize_image, resize_logits, zoomed_hw
 
 __all__ = [
     "compute_steps",
@@ -202,6 +203,9 @@ class Predictor:
             (:func:`pretrain.io.scale_intensity`): ``"percentile"`` (per-image robust stretch) or
             ``"dtype"`` (divide by the dtype's maximum; the default, for checkpoints whose
             model.json predates the ``intensity`` key). Must be what the model was trained with.
+        zoom: resize factor between the image and the model's pixels (``data.zoom`` of training;
+            :mod:`segment.zoom`): the image is resized by ``zoom``, tiled, and the logits resized
+            back, so results are always on the image's own grid.
         progress: show a tqdm bar over tile batches.
     """
 
@@ -219,6 +223,7 @@ class Predictor:
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.25,),
         intensity: str = "dtype",
+        zoom: float = 1.0,
         progress: bool = False,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
@@ -242,6 +247,7 @@ class Predictor:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.intensity = canonical_intensity(intensity)
+        self.zoom = check_zoom(zoom)
         self.progress = progress
         self.model = model.to(self.device).eval()
         self.meta: dict[str, Any] = {}
@@ -251,13 +257,15 @@ class Predictor:
         """Build from a fine-tuned checkpoint folder (``segment.checkpoint.load_model``).
 
         ``tile_size``, ``mean`` and ``std`` come from the checkpoint's metadata unless given in
-        ``settings``, ``intensity`` too (``"dtype"`` when the metadata has none: checkpoints from
-        before the key existed were trained that way); the metadata is kept on ``predictor.meta``.
+        ``settings``, ``intensity`` and ``zoom`` too (``"dtype"`` and 1 when the metadata has none:
+        checkpoints from before those keys were trained that way); the metadata is kept on
+        ``predictor.meta``.
         """
         from segment.checkpoint import load_model
 
         model, meta = load_model(path)
         settings.setdefault("intensity", meta.get("intensity", "dtype"))
+        settings.setdefault("zoom", meta.get("zoom", 1.0))
         for key in ("tile_size", "mean", "std"):
             if key not in settings:
                 if key not in meta:
@@ -316,9 +324,20 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_logits(self, image: Tensor) -> Tensor:
-        """Sliding-window logits of one normalised ``C x H x W`` image: float32 ``K x H x W`` on CPU."""
+        """Sliding-window logits of one normalised ``C x H x W`` image: float32 ``K x H x W`` on CPU.
+
+        With ``zoom != 1`` the image is resized by ``zoom`` first and the logits resized back to
+        ``H x W`` (:mod:`segment.zoom`).
+        """
         if image.dim() != 3:
             raise ValueError(f"expected a C x H x W tensor, got shape {tuple(image.shape)}")
+        if self.zoom == 1.0:
+            return self._predict_logits(image)
+        hw = tuple(image.shape[-2:])
+        small = resize_image(image.to(dtype=torch.float32), zoomed_hw(hw, self.zoom))
+        return resize_logits(self._predict_logits(small), hw)
+
+    def _predict_logits(self, image: Tensor) -> Tensor:
         h, w = image.shape[-2:]
         x = _pad_to(image.to(self.device, dtype=torch.float32), self.tile_hw)
         origins = tile_origins(tuple(x.shape[-2:]), self.tile_hw, self.step_fraction)

@@ -54,6 +54,7 @@ from pretrain.io import (
     to_float,
 )
 from segment.infer import Origin, Predictor, _pad_to, accumulate_tiles, tile_origins
+from segment.zoom import RowResampler, image_mode, resize_columns, zoomed_hw
 
 __all__ = [
     "RowSource",
@@ -351,26 +352,62 @@ def plan_bands(image_hw: tuple[int, int], tile_hw: tuple[int, int], step_fractio
 
 
 # ----------------------------------------------------------------------------- streaming core
-class _InputWindow:
-    """Normalised, width-padded input rows ``[y0, y1)`` on the CPU; extended and trimmed as the
-    tiles move down so each source row is read and normalised once."""
+class _NativeRows:
+    """Rows ``[a, b)`` of the source, scaled (one intensity map for the whole image) and normalised."""
 
     def __init__(self, predictor: Predictor, source: RowSource) -> None:
         self.predictor, self.source = predictor, source
-        self.h, self.w = source.shape
-        # one intensity map for the whole image (percentiles from a strided read), not one per band
+        self.shape = source.shape
         mode, percentiles = parse_intensity(predictor.intensity)
         self.value_range = source_intensity_range(source, percentiles) if mode == "percentile" else None
-        self.tile_hw = predictor.tile_hw
+
+    def read(self, a: int, b: int) -> Tensor:
+        return self.predictor.normalize(self.predictor.scale(self.source.rows(a, b), self.value_range))
+
+
+class _ZoomedRows:
+    """Rows ``[a, b)`` (requested top-down) of the normalised image resized by ``predictor.zoom``:
+    native rows are read ``band`` at a time, resized in width, and resampled down the rows by a
+    :class:`~segment.zoom.RowResampler`, so only the rows still needed are held."""
+
+    def __init__(self, native: _NativeRows, hw: tuple[int, int], band: int = 256) -> None:
+        self.native, self.shape, self.band = native, hw, band
+        self.mode = image_mode(native.shape, hw)
+        self.rows = RowResampler(native.shape[0], hw[0], self.mode)
+        self.read_to = 0  # native rows read so far
+        self.buf: Tensor | None = None  # zoomed rows [self.y0, self.y1)
+        self.y0 = self.y1 = 0
+
+    def read(self, a: int, b: int) -> Tensor:
+        assert a >= self.y0, "rows are requested top-down"
+        while self.y1 < b:
+            end = min(self.read_to + self.band, self.native.shape[0])
+            block = resize_columns(self.native.read(self.read_to, end), self.shape[1], self.mode)
+            self.read_to = end
+            for _, out in self.rows.push(block):
+                self.buf = out if self.buf is None else torch.cat([self.buf, out], dim=-2)
+                self.y1 += out.shape[-2]
+        self.buf = self.buf[:, a - self.y0 :]
+        self.y0 = a
+        return self.buf[:, : b - a]
+
+
+class _InputWindow:
+    """Normalised, width-padded input rows ``[y0, y1)`` on the CPU; extended and trimmed as the
+    tiles move down so each row is read and normalised once."""
+
+    def __init__(self, rows: _NativeRows | _ZoomedRows, tile_hw: tuple[int, int]) -> None:
+        self.rows = rows
+        self.h, self.w = rows.shape
+        self.tile_hw = tile_hw
         self.y0 = self.y1 = 0
         self.buf: Tensor | None = None
         if self.h < self.tile_hw[0]:  # shorter than a tile: pad the whole image once, as Predictor
-            self.buf = _pad_to(self._read(0, self.h, pad=False), self.tile_hw)
+            self.buf = _pad_to(self.rows.read(0, self.h), self.tile_hw)
             self.y1 = self.buf.shape[-2]
 
-    def _read(self, a: int, b: int, pad: bool = True) -> Tensor:
-        x = self.predictor.normalize(self.predictor.scale(self.source.rows(a, b), self.value_range))
-        return _pad_to(x, (0, self.tile_hw[1])) if pad else x
+    def _read(self, a: int, b: int) -> Tensor:
+        return _pad_to(self.rows.read(a, b), (0, self.tile_hw[1]))
 
     def get(self, a: int, b: int) -> Tensor:
         if not (self.y0 <= a and b <= self.y1):
@@ -389,18 +426,34 @@ def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool |
     """Yield ``(y0, logits)`` for consecutive blocks of final rows, top to bottom.
 
     ``logits`` is float32 ``K x h x W`` on the predictor's device (the blended logits of rows
-    ``y0 .. y0 + h``), identical to the same rows of ``predictor.predict_logits`` of the whole
-    normalised image. Only ``plan.capacity`` rows of accumulators exist at any time.
+    ``y0 .. y0 + h``), equal to the same rows of ``predictor.predict_logits`` of the whole
+    normalised image (identical at ``zoom == 1``; to float rounding otherwise, where the input is
+    resized and the logits resized back band by band). Only ``plan.capacity`` rows of
+    accumulators exist at any time.
     """
     h, w = source.shape
     if h < 1 or w < 1:
         raise ValueError(f"empty image {source.shape}")
+    native = _NativeRows(predictor, source)
+    if predictor.zoom == 1.0:
+        yield from _tile_logit_rows(predictor, native, progress, desc)
+        return
+    zoomed = _ZoomedRows(native, zoomed_hw((h, w), predictor.zoom))
+    back = RowResampler(zoomed.shape[0], h, "bilinear")
+    for _, block in _tile_logit_rows(predictor, zoomed, progress, desc):
+        yield from back.push(resize_columns(block, w, "bilinear"))
+
+
+def _tile_logit_rows(predictor: Predictor, rows: _NativeRows | _ZoomedRows, progress: bool | None,
+                     desc: str) -> Iterator[tuple[int, Tensor]]:
+    """The streaming core on the model's pixel grid (``rows.shape``)."""
+    h, w = rows.shape
     th, tw = predictor.tile_hw
     plan = plan_bands((h, w), (th, tw), predictor.step_fraction, predictor.batch_size)
     cap, pw = plan.capacity, plan.padded_hw[1]
     device = predictor.device
     weight = predictor.importance()
-    window = _InputWindow(predictor, source)
+    window = _InputWindow(rows, predictor.tile_hw)
     logits_acc: Tensor | None = None
     weight_acc = torch.zeros((1, cap, pw), dtype=torch.float32, device=device)
     lo = 0
@@ -421,11 +474,11 @@ def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool |
         d = final - lo
         if d <= 0:
             continue
-        rows = min(d, h - lo)
-        if rows > 0:
-            block = logits_acc[:, :rows, :w] / weight_acc[:, :rows, :w]
+        n = min(d, h - lo)
+        if n > 0:
+            block = logits_acc[:, :n, :w] / weight_acc[:, :n, :w]
             if not torch.isfinite(block).all():
-                raise RuntimeError(f"non-finite logits (NaN/inf) from the model in rows {lo}..{lo + rows}")
+                raise RuntimeError(f"non-finite logits (NaN/inf) from the model in rows {lo}..{lo + n}")
             yield lo, block
         _shift_up(logits_acc, d)
         _shift_up(weight_acc, d)

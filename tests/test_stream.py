@@ -99,6 +99,32 @@ def test_stream_equals_predictor(hw, tile, batch, tta):
     np.testing.assert_array_equal(labels, full.argmax(0).numpy().astype(np.uint8))
 
 
+@pytest.mark.parametrize(("hw", "zoom", "tile", "batch"),
+                         [((300, 211), 0.5, 64, 5), ((257, 130), 0.37, 32, 3), ((90, 70), 1.7, 48, 4),
+                          ((40, 300), 0.5, 64, 2), ((1000, 61), 0.25, 32, 8)])
+def test_stream_equals_predictor_with_zoom(hw, zoom, tile, batch):
+    """data.zoom: the band-wise path (input resampled down the rows as bands arrive, logits resampled
+    back band by band) equals the whole-image resize -> tiles -> resize back of Predictor."""
+    model = small_conv(k=3)
+    image = np.random.default_rng(3).random(hw, dtype=np.float32)
+    p = Predictor(model, tile_size=tile, batch_size=batch, zoom=zoom)
+    full = p.predict_logits(p.normalize(image))
+    assert full.shape == (3, *hw)  # logits come back on the image's own grid
+    streamed = stream_logits(p, ArraySource(image))
+    torch.testing.assert_close(streamed, full, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(predict_stream(p, image) == full.argmax(0).numpy(), True)
+
+
+def test_zoom_changes_what_the_model_sees():
+    """zoom 0.5 on an identity model: the logits are the image averaged over 2x2 blocks and brought
+    back bilinearly, so a one-pixel checkerboard (invisible at half resolution) comes back flat."""
+    image = (np.indices((64, 64)).sum(0) % 2).astype(np.float32)
+    p = Predictor(Identity(), tile_size=32, mean=(0.0,), std=(1.0,), zoom=0.5)
+    out = p.predict_logits(p.normalize(image))[0].numpy()
+    np.testing.assert_allclose(out, 0.5, atol=1e-6)
+    np.testing.assert_allclose(stream_logits(p, ArraySource(image))[0].numpy(), 0.5, atol=1e-6)
+
+
 def test_stream_matches_full_forward_away_from_tile_borders():
     model = small_conv(k=3)
     h, w, tile, radius = 700, 530, 96, 2
