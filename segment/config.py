@@ -65,6 +65,10 @@ class DataConfig:
     # raw pixels -> [0, 1] before mean/std (pretrain.io.scale_intensity): "percentile" = per-image
     # 0.5/99.5 percentile stretch, as pretraining does; "dtype" = divide by the dtype's maximum
     intensity: str = "percentile"
+    # resize factor between the micrographs and the model's pixels (segment.zoom): 0.5 = half the
+    # pixels per side, so each crop/tile covers twice the field of view; predictions come back on
+    # the micrograph's own grid. Stored in model.json; evaluate and predict apply it.
+    zoom: float = 1.0
     synthetic: Optional[str] = None  # superalloy | coating: generate a NASA-layout set into the run
     synthetic_size: int = 256
     num_workers: int = 0
@@ -76,6 +80,12 @@ class DataConfig:
             self.intensity = canonical_intensity(self.intensity)
         except ValueError as e:
             raise ValueError(f"data.intensity: {e}") from None
+        from segment.zoom import check_zoom
+
+        try:
+            self.zoom = check_zoom(self.zoom)
+        except ValueError as e:
+            raise ValueError(f"data.zoom: {e}") from None
 
 
 @dataclass

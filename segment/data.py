@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, get_worker_info
 from pretrain.io import (
     IMAGE_SUFFIXES, canonical_intensity, list_images, read_micrograph, read_raw, scale_intensity,
 )
+from segment.zoom import check_zoom, resize_image, resize_labels, zoomed_hw
 
 __all__ = [
     "CLASS_MAPS",
@@ -640,15 +641,19 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
     normalised with ``mean``/``std``. With ``cache`` every pair is loaded and checked once, up
     front (data sets are small; forked workers share the arrays). ``samples_per_epoch`` sets
     ``len()`` so that a few images give many random crops; item ``i`` uses pair
-    ``i % len(pairs)``, which is the returned ``index``.
+    ``i % len(pairs)``, which is the returned ``index``. With ``zoom != 1`` every pair is resized
+    by ``zoom`` when loaded (:mod:`segment.zoom`: area/bilinear image, nearest-neighbour mask), so
+    crops are taken on the model's grid; validation sets keep ``zoom=1`` (the Predictor zooms).
     """
 
     def __init__(self, pairs: Sequence[Pair], class_map: ClassMap | str | Mapping[str, Any], *,
                  in_chans: int = 1, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.25,),
                  transform: Callable[..., dict[str, Any]] | None = None, cache: bool = True,
-                 samples_per_epoch: int | None = None, intensity: str = "percentile") -> None:
+                 samples_per_epoch: int | None = None, intensity: str = "percentile",
+                 zoom: float = 1.0) -> None:
         try:
             self.intensity = canonical_intensity(intensity)
+            self.zoom = check_zoom(zoom)
         except ValueError as e:
             raise ValueError(f"SegmentationDataset: {e}") from None
         self.pairs: list[Pair] = [(Path(i), Path(m)) for i, m in pairs]
@@ -705,6 +710,10 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         if image.shape[:2] != label.shape[:2]:
             raise ValueError(f"image and mask sizes differ: {image_path} is {image.shape[0]}x"
                              f"{image.shape[1]} but {mask_path} is {label.shape[0]}x{label.shape[1]} (HxW)")
+        if self.zoom != 1.0:
+            hw = zoomed_hw(image.shape[:2], self.zoom)
+            image = resize_image(torch.from_numpy(image)[None], hw)[0].numpy()
+            label = resize_labels(label, hw)
         if self.cache:
             self._cache[index] = (image, label)
         return image, label

@@ -201,7 +201,8 @@ def _settings(predictor: Predictor) -> str:
     tile = f"{th}" if th == tw else f"{th}x{tw}"
     return (f"tile {tile}, overlap {predictor.overlap:g}, "
             f"{'Gaussian' if predictor.gaussian else 'uniform'} weights, "
-            f"TTA {'8 flips/rotations' if predictor.tta else 'off'}, intensity {predictor.intensity}")
+            f"TTA {'8 flips/rotations' if predictor.tta else 'off'}, intensity {predictor.intensity}"
+            + (f", zoom {predictor.zoom:g}" if predictor.zoom != 1.0 else ""))
 
 
 def format_summary_md(results: Mapping[str, dict[str, Any]], names: Sequence[str], settings: str = "") -> str:

@@ -281,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mean = list(meta.get("mean", [0.5]))
     std = list(meta.get("std", [0.25]))
     in_chans = int(meta.get("in_chans", len(mean)))
-    info = {k: meta[k] for k in ("model", "model_kwargs", "class_names", "colors") if k in meta}
+    info = {k: meta[k] for k in ("model", "model_kwargs", "class_names", "colors", "intensity", "zoom")
+            if k in meta}  # intensity and zoom: the pre/post-processing a runtime must repeat
     kw = dict(tile_hw=tile_hw, in_chans=in_chans, mean=mean, std=std, metadata=info, atol=args.atol)
     status = 0
     for kind, target, fn in (("ONNX", args.onnx, export_onnx), ("TorchScript", args.torchscript, export_torchscript)):

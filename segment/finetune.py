@@ -198,7 +198,7 @@ def validate(model: nn.Module, dataset, cfg: FinetuneConfig, device) -> dict[str
 
     k = len(dataset.class_map.names)
     predictor = Predictor(model, tile_size=cfg.data.crop_size, overlap=cfg.train.tile_overlap,
-                          batch_size=cfg.train.batch_size, device=device, tta=False)
+                          batch_size=cfg.train.batch_size, device=device, tta=False, zoom=cfg.data.zoom)
     cms = []
     for i in range(len(dataset)):
         item = dataset[i]
@@ -255,7 +255,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     train_ds = SegmentationDataset(
         data.train_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std,
         transform=train_transform(cfg.data.crop_size, strength=cfg.data.augment, seed=cfg.train.seed), samples_per_epoch=n_samples,
-        intensity=cfg.data.intensity,
+        intensity=cfg.data.intensity, zoom=cfg.data.zoom,
     )
     val_ds = SegmentationDataset(data.val_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std,
                                  intensity=cfg.data.intensity)
@@ -282,7 +282,8 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
         model=cfg.model.name, model_kwargs=model_kwargs, class_names=list(cm.names),
         colors=[list(c) for c in cm.overlay_colors], class_map=cm.to_dict(),
         tile_size=cfg.data.crop_size, in_chans=cfg.data.in_chans, mean=list(mean), std=list(std),
-        intensity=cfg.data.intensity, encoder_weights=dict(cfg.model.encoder_weights), train_images=[p[0].name for p in data.train_pairs],
+        intensity=cfg.data.intensity, zoom=cfg.data.zoom, encoder_weights=dict(cfg.model.encoder_weights),
+        train_images=[p[0].name for p in data.train_pairs],
     )
 
     # ---- resume
@@ -416,7 +417,7 @@ def evaluate_best(out: Path, data: Data, cfg: FinetuneConfig, device) -> dict:
     model, meta = load_model(out / "best")
     predictor = Predictor(model, tile_size=meta["tile_size"], overlap=cfg.train.tile_overlap, tta=cfg.train.tta,
                           batch_size=cfg.train.batch_size, device=device, mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                          intensity=meta.get("intensity", "dtype"))
+                          intensity=meta.get("intensity", "dtype"), zoom=meta.get("zoom", 1.0))
     return evaluate_sets(predictor, data.test_sets, data.class_map, out / "eval", overlays=True,
                          max_overlays=cfg.overlays)
 

@@ -618,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checkpoint": args.checkpoint, "model": predictor.meta.get("model", "?"),
         "tile": "x".join(map(str, predictor.tile_hw)), "overlap": predictor.overlap,
         "gaussian blending": predictor.gaussian, "tta": predictor.tta, "batch size": predictor.batch_size,
-        "intensity": predictor.intensity,
+        "intensity": predictor.intensity, "zoom": predictor.zoom,
         "device": device, "amp": args.amp or "off",
     }
     from tqdm.contrib.logging import logging_redirect_tqdm

@@ -137,3 +137,35 @@ def test_preempt_flag_file_checkpoints_and_exits(tmp_path):
     assert result["stopped"] == "signal"
     assert 3 < result["global_step"] < 12
     assert not (run / "PREEMPT").exists()
+
+
+def test_zoom_trains_on_the_model_grid_and_evaluates_on_the_native_one(tmp_path):
+    """data.zoom=0.5: training crops come from half-size images, model.json records the zoom, and
+    validation/evaluation/predict see native-size images (the Predictor resizes and resizes back)."""
+    import numpy as np
+
+    from segment.data import SegmentationDataset
+    from segment.infer import Predictor
+
+    run = tmp_path / "run"
+    cfg = make_cfg(run, "data.zoom=0.5", "data.synthetic_size=96", "data.crop_size=32")
+    result = ft.train(cfg)
+    assert set(result["test"]) >= {"test", "shifted"} and 0.0 <= result["best"] <= 1.0
+    meta = json.loads((run / "best" / "model.json").read_text())
+    assert meta["zoom"] == 0.5 and meta["tile_size"] == 32
+    predictor = Predictor.from_checkpoint(run / "best")
+    assert predictor.zoom == 0.5
+    data = ft.load_data(cfg)
+    native = SegmentationDataset(data.val_pairs, data.class_map)
+    zoomed = SegmentationDataset(data.val_pairs, data.class_map, zoom=0.5)
+    image, label = native.load(0)
+    assert image.shape == label.shape == (96, 96) and zoomed.load(0)[0].shape == zoomed.load(0)[1].shape == (48, 48)
+    assert set(np.unique(zoomed.load(0)[1])) <= set(np.unique(label))  # nearest neighbour: no new classes
+    labels, _ = predictor.predict_image(image)
+    assert labels.shape == (96, 96)
+    assert "zoom 0.5" in (run / "eval" / "summary.md").read_text()
+
+
+def test_bad_zoom_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="data.zoom: zoom must be a positive number"):
+        make_cfg(tmp_path, "data.zoom=0")
