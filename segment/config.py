@@ -5,6 +5,7 @@ an unknown key or a value of the wrong type stops the run at start-up with Hydra
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -69,6 +70,10 @@ class DataConfig:
     # pixels per side, so each crop/tile covers twice the field of view; predictions come back on
     # the micrograph's own grid. Stored in model.json; evaluate and predict apply it.
     zoom: float = 1.0
+    # pixel size of the training micrographs in nm (optional). model.json then records the model grid's
+    # pixel size (pixel_size_nm / zoom) and segment.predict resizes every image whose pixel size is known
+    # to that grid, so one model serves several magnifications and microscopes.
+    pixel_size_nm: Optional[float] = None
     synthetic: Optional[str] = None  # superalloy | coating: generate a NASA-layout set into the run
     synthetic_size: int = 256
     num_workers: int = 0
@@ -86,6 +91,8 @@ class DataConfig:
             self.zoom = check_zoom(self.zoom)
         except ValueError as e:
             raise ValueError(f"data.zoom: {e}") from None
+        if self.pixel_size_nm is not None and not (math.isfinite(self.pixel_size_nm) and self.pixel_size_nm > 0):
+            raise ValueError(f"data.pixel_size_nm must be a positive number of nm, got {self.pixel_size_nm}")
 
 
 @dataclass

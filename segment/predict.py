@@ -3,7 +3,9 @@
 For every input image: bounded-memory sliding-window segmentation (:mod:`segment.stream`), an
 optional SEM data-bar crop (:mod:`segment.databar`), then phase fractions and particle statistics
 (:mod:`segment.quantify`). An unreadable or failing image is logged and listed; the run goes on
-and exits with status 1 at the end.
+and exits with status 1 at the end. A model whose ``model.json`` records its grid's pixel size
+(``data.pixel_size_nm`` at training) sees every image with a known pixel size resized to that grid
+(:func:`image_zoom`; ``--no-match-pixel-size`` keeps the model's zoom); outputs stay in native pixels.
 
 Outputs in ``--out DIR`` (``KEY`` is the image's path relative to the inputs' common folder,
 without its suffix; the README written there states every choice and column):
@@ -15,7 +17,7 @@ without its suffix; the README written there states every choice and column):
 * ``probabilities/KEY.tif`` (``--probs``): ``K x H x W`` uint8 softmax probabilities x 255;
 * ``particles/KEY.csv``: one row per particle;
 * ``summary.csv``: one row per image and class, plus pooled ``ALL`` rows per class;
-* ``images.csv``: per image size, data-bar rows, pixel size and its source, seconds;
+* ``images.csv``: per image size, data-bar rows, pixel size and its source, zoom, seconds;
 * ``histograms/ecd_CLASS.png``: ECD histograms of the particle classes, all images pooled;
 * ``failures.csv``: images that failed and why.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import copy
 import io
 import logging
 import math
@@ -59,6 +62,7 @@ from segment.quantify import (
     size_stats,
 )
 from segment.stream import CroppedSource, RowSource, open_source, predict_stream, thumbnail
+from segment.zoom import check_zoom
 
 __all__ = [
     "PredictOptions",
@@ -77,7 +81,7 @@ PNG_MAX_SIDE = 4096
 """Masks with a longer side are written as deflate TIFF (PNG writers and viewers struggle)."""
 
 IMAGE_COLUMNS = ("image", "path", "height", "width", "databar_rows", "analysed_height",
-                 "pixel_size_nm", "pixel_size_source", "seconds", "mask")
+                 "pixel_size_nm", "pixel_size_source", "zoom", "seconds", "mask")
 
 
 @dataclass
@@ -87,7 +91,8 @@ class PredictOptions:
     ``databar``: "off" or "auto" (:func:`segment.databar.detect_databar`); ``crop_bottom``: rows
     to drop at the bottom instead. ``pixel_size_nm`` overrides the files' metadata when
     ``pixel_size_override`` is True (None then forces pixel units). ``particle_classes``: class
-    indices measured as particles (None: every class but ``background``).
+    indices measured as particles (None: every class but ``background``). ``match_pixel_size``:
+    resize each image whose pixel size is known to the model's grid (:func:`image_zoom`).
     """
 
     class_names: Sequence[str]
@@ -104,6 +109,7 @@ class PredictOptions:
     overlays: bool = True
     overlay_max_side: int = 2048
     mask_format: str = "auto"
+    match_pixel_size: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -136,6 +142,7 @@ class ImageResult:
     databar_rows: int
     pixel_size_nm: float | None
     pixel_size_source: str
+    zoom: float
     seconds: float
     summaries: list[ClassSummary]
     outputs: dict[str, Path] = field(default_factory=dict)
@@ -144,7 +151,8 @@ class ImageResult:
         return dict(image=self.key, path=str(self.path), height=self.height + self.databar_rows,
                     width=self.width, databar_rows=self.databar_rows, analysed_height=self.height,
                     pixel_size_nm=self.pixel_size_nm if self.pixel_size_nm is not None else "",
-                    pixel_size_source=self.pixel_size_source, seconds=round(self.seconds, 2),
+                    pixel_size_source=self.pixel_size_source, zoom=round(self.zoom, 6),
+                    seconds=round(self.seconds, 2),
                     mask=str(self.outputs.get("mask", "")))
 
 
@@ -303,6 +311,16 @@ def _crop(source: RowSource, options: PredictOptions) -> tuple[RowSource, int]:
     return (CroppedSource(source, h - rows) if rows else source), rows
 
 
+def image_zoom(predictor: Predictor, pixel_size_nm: float | None, match: bool = True) -> float:
+    """The zoom for one image: its pixel size over the model grid's (``model_pixel_size_nm`` in
+    model.json, i.e. ``data.pixel_size_nm / data.zoom`` of training) when both are known and
+    ``match``, else the model's own ``zoom``. A 5 nm/px image for a 10 nm/px model gets 0.5."""
+    model_px = predictor.meta.get("model_pixel_size_nm")
+    if match and model_px and pixel_size_nm:
+        return float(pixel_size_nm) / float(model_px)
+    return predictor.zoom
+
+
 def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                   options: PredictOptions, key: str | None = None) -> ImageResult:
     """Segment, crop, quantify and write the outputs of one image (see the module docstring)."""
@@ -321,6 +339,12 @@ def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: s
             ps_source = "metadata" if pixel_size is not None else "none"
         scale = Scale(pixel_size)
         names = list(options.class_names)
+        zoom = image_zoom(predictor, pixel_size, options.match_pixel_size)
+        if zoom != predictor.zoom:
+            logger.info("%s: %.4g nm/px, model grid %.4g nm/px: zoom %.4g", path, pixel_size,
+                        predictor.meta["model_pixel_size_nm"], zoom)
+            predictor = copy.copy(predictor)  # same model; this image's zoom only
+            predictor.zoom = check_zoom(zoom)
 
         with ExitStack() as stack:
             probs = None
@@ -347,7 +371,7 @@ def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: s
     del labels
     outputs["particles"] = _particle_csv(out_dir / "particles" / f"{key}.csv", table, scale.unit)
     return ImageResult(path=path, key=key, height=h, width=w, databar_rows=bar_rows, pixel_size_nm=pixel_size,
-                       pixel_size_source=ps_source, seconds=time.perf_counter() - t0, summaries=summaries,
+                       pixel_size_source=ps_source, zoom=predictor.zoom, seconds=time.perf_counter() - t0, summaries=summaries,
                        outputs=outputs)
 
 
@@ -389,7 +413,8 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os
     for s in pooled:
         if s.particles:
             _histogram(out_dir / "histograms", s, tag=s.image.replace("ALL", "").strip(" []"))
-    atomic_write_text(out_dir / "README.md", _readme(options, results, failed, settings or {}))
+    atomic_write_text(out_dir / "README.md", _readme(options, results, failed, settings or {},
+                                                           _resampling(predictor, options)))
     if failed:
         logger.error("%d of %d input(s) failed (listed in %s):\n%s", len(failed), len(paths) + len(failures),
                      out_dir / "failures.csv", "\n".join(f"  {p}: {e}" for p, e in failed))
@@ -433,8 +458,17 @@ def _histogram(folder: Path, s: ClassSummary, tag: str = "") -> Path | None:
     return path
 
 
+def _resampling(predictor: Predictor, options: PredictOptions) -> str:
+    grid = predictor.meta.get("model_pixel_size_nm")
+    if grid and options.match_pixel_size:
+        return (f"images with a known pixel size resized to the model grid's {grid:g} nm/px, the others by "
+                f"the model's zoom {predictor.zoom:g}; masks and statistics in native pixels "
+                "(images.csv: zoom per image)")
+    return f"every image resized by the model's zoom {predictor.zoom:g}; masks and statistics in native pixels"
+
+
 def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Sequence[tuple[str, str]],
-            settings: Mapping[str, Any]) -> str:
+            settings: Mapping[str, Any], resampling: str) -> str:
     names = list(options.class_names)
     particles = [names[i] for i in options.particle_indices]
     phases = [n for i, n in enumerate(names) if i not in options.particle_indices]
@@ -451,12 +485,13 @@ def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Seq
         f"{len(results)} image(s) segmented, {len(failed)} failed (failures.csv).",
         "",
         "## Settings",
-        *[f"- {k}: {v}" for k, v in settings.items()],
+        *[f"- {k}: {v}" for k, v in settings.items() if v is not None],
         f"- classes: {', '.join(f'{i} {n}' for i, n in enumerate(names))}",
         f"- particle classes: {', '.join(particles) or 'none'}; phase classes (area fraction only): "
         f"{', '.join(phases) or 'none'}",
         f"- data bar: {crop}; masks, statistics and areas cover the analysed rows only",
         f"- pixel size: {units}",
+        f"- resampling: {resampling}",
         f"- touching particles: {split}",
         "",
         "## Choices",
@@ -533,6 +568,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--databar", choices=["off", "auto"], default="off",
                    help="'auto': detect and crop an SEM data bar at the bottom")
     c.add_argument("--crop-bottom", type=int, default=0, metavar="N", help="crop N rows at the bottom")
+    units.add_argument("--no-match-pixel-size", action="store_true",
+                       help="keep the model's zoom for every image (default: images with a known pixel size "
+                            "are resized to the model grid's, when model.json records one)")
     units.add_argument("--pixel-size", type=_pixel_size_arg, default=None, metavar="SIZE",
                    help="pixel size for every image, e.g. 2.5nm, 0.01um, 4µm, or px to force pixel units "
                         "(default: from the file metadata, else pixels)")
@@ -604,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pixel_size_override=args.pixel_size is not None, watershed=args.watershed,
             watershed_h=args.watershed_h, save_probs=args.probs, overlays=not args.no_overlays,
             overlay_max_side=args.overlay_max_side, mask_format=args.mask_format,
-            progress=not args.no_progress)
+            match_pixel_size=not args.no_match_pixel_size, progress=not args.no_progress)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     paths, failures = expand_inputs(args.inputs)
@@ -619,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tile": "x".join(map(str, predictor.tile_hw)), "overlap": predictor.overlap,
         "gaussian blending": predictor.gaussian, "tta": predictor.tta, "batch size": predictor.batch_size,
         "intensity": predictor.intensity, "zoom": predictor.zoom,
+        "model grid pixel size (nm)": predictor.meta.get("model_pixel_size_nm"),
         "device": device, "amp": args.amp or "off",
     }
     from tqdm.contrib.logging import logging_redirect_tqdm

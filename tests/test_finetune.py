@@ -148,11 +148,12 @@ def test_zoom_trains_on_the_model_grid_and_evaluates_on_the_native_one(tmp_path)
     from segment.infer import Predictor
 
     run = tmp_path / "run"
-    cfg = make_cfg(run, "data.zoom=0.5", "data.synthetic_size=96", "data.crop_size=32")
+    cfg = make_cfg(run, "data.zoom=0.5", "data.synthetic_size=96", "data.crop_size=32", "data.pixel_size_nm=5")
     result = ft.train(cfg)
     assert set(result["test"]) >= {"test", "shifted"} and 0.0 <= result["best"] <= 1.0
     meta = json.loads((run / "best" / "model.json").read_text())
     assert meta["zoom"] == 0.5 and meta["tile_size"] == 32
+    assert meta["model_pixel_size_nm"] == 10.0  # 5 nm/px micrographs seen at half size
     predictor = Predictor.from_checkpoint(run / "best")
     assert predictor.zoom == 0.5
     data = ft.load_data(cfg)
@@ -169,3 +170,5 @@ def test_zoom_trains_on_the_model_grid_and_evaluates_on_the_native_one(tmp_path)
 def test_bad_zoom_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="data.zoom: zoom must be a positive number"):
         make_cfg(tmp_path, "data.zoom=0")
+    with pytest.raises(ValueError, match="data.pixel_size_nm must be a positive number"):
+        make_cfg(tmp_path, "data.pixel_size_nm=-2")

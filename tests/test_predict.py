@@ -107,6 +107,28 @@ def test_pixel_size_option_and_pixels(tmp_path, threshold_predictor):
     assert [i.pixel_size_nm for i in r.images] == [2.5, 2.5] and {p.image for p in r.pooled} == {"ALL"}
 
 
+def test_images_are_resized_to_the_model_grid_pixel_size(tmp_path, threshold_predictor):
+    """A model trained at 8 nm/px (model.json model_pixel_size_nm): a 4 nm/px image is segmented at
+    zoom 0.5, a 16 nm/px one at 2, one without a pixel size at the model's zoom (1); masks and
+    particle statistics stay in native pixels and the discs are still found."""
+    threshold_predictor.meta = {"model_pixel_size_nm": 8.0}
+    img = disc_image()
+    Image.fromarray(img).save(tmp_path / "a.png")
+    write_tiff(tmp_path / "b.tif", img, pixel_size_nm=4.0)
+    write_tiff(tmp_path / "c.tif", img, pixel_size_nm=16.0)
+    paths = [tmp_path / n for n in ("a.png", "b.tif", "c.tif")]
+    r = predict_paths(threshold_predictor, paths, tmp_path / "o", options(particle_classes=[1]))
+    assert [i.zoom for i in r.images] == [1.0, 0.5, 2.0]
+    assert [row["zoom"] for row in read_csv(tmp_path / "o" / "images.csv")] == ["1", "0.5", "2"]
+    assert "model grid's 8 nm/px" in (tmp_path / "o" / "README.md").read_text()
+    for key in ("a", "b", "c"):
+        mask = np.asarray(Image.open(tmp_path / "o" / "masks" / f"{key}.png"))
+        assert mask.shape == img.shape and (mask == (img > 128)).mean() > 0.98
+    assert threshold_predictor.zoom == 1.0  # the caller's predictor is left as it was
+    r = predict_paths(threshold_predictor, paths, tmp_path / "o2", options(match_pixel_size=False))
+    assert [i.zoom for i in r.images] == [1.0, 1.0, 1.0]
+
+
 def test_crop_bottom_and_auto_databar(tmp_path, threshold_predictor):
     img = with_databar(disc_image(), rows=24)
     Image.fromarray(img).save(tmp_path / "bar.png")
