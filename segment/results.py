@@ -118,7 +118,9 @@ def collect(sweep: Path) -> tuple[list[dict[str, Any]], list[str]]:
     grid = read_grid(sweep)
     rows: list[dict[str, Any]] = []
     done: set[str] = set()
-    for summary in sorted(sweep.rglob("eval/summary.csv")):
+    # rglob does not enter linked folders; a grid cell may be a link to a cell of another study
+    linked = [sweep / cell / "eval" / "summary.csv" for cell in grid if (sweep / cell).is_symlink()]
+    for summary in sorted({*sweep.rglob("eval/summary.csv"), *(f for f in linked if f.is_file())}):
         run = summary.parent.parent
         rows.extend(read_run(run, sweep, grid))
         done.add(run.name)

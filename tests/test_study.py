@@ -309,6 +309,24 @@ def test_aggregation_of_hand_written_results(tmp_path):
     assert (out / "iou_vs_train_images.png").stat().st_size > 0
 
 
+def test_cells_linked_from_another_study_are_skipped_and_aggregated(tmp_path):
+    """A follow-up study reuses identical cells of an earlier one through links (configs/study/zoom_ebc.yaml):
+    they count as finished and their results are read through the link."""
+    study = {"models": {"cs": []}, "inits": {"random": []}, "trainsets": {"super1": {"overrides": []}},
+             "seeds": [0, 1]}
+    cells = st.expand(study)
+    earlier, out = tmp_path / "earlier", tmp_path / "study"
+    write_summary(earlier / cells[0].name, [{"set": "test", "nasa_iou_mean": 0.8}], minutes=1.0, images=10)
+    st.write_grid(cells, out)
+    (out / cells[0].name).symlink_to(earlier / cells[0].name)
+    report = st.run_study(cells, out, trainer=lambda cfg: (_ for _ in ()).throw(AssertionError("trained")),
+                          dry_run=True)
+    assert report["skipped"] == [cells[0].name]
+    rows, missing = st.aggregate(out)
+    assert [(r["run"], r["nasa_iou_mean"]) for r in rows] == [(cells[0].name, pytest.approx(0.8))]
+    assert missing == [cells[1].name]
+
+
 def test_paired_effects_of_hand_written_results():
     def row(model, init, seed, v, s="test", kind="in"):
         return {"model": model, "init": init, "seed": seed, "trainset": "super3", "set": s, "kind": kind,
