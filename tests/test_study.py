@@ -62,6 +62,20 @@ def test_paper_preset_expands_and_composes(tmp_path):
     assert cfg.data.crop_size == 512 and cfg.train.precision.value == "bf16" and cfg.train.patience == 30
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "configs" / "study").glob("*.yaml")))
+def test_every_preset_expands_and_each_model_composes(preset, tmp_path):
+    """A typo in any preset (a bad override, an unknown key) fails here, not hours into a study."""
+    study = st.load_study(REPO / "configs" / "study" / f"{preset}.yaml",
+                          ["encoders.cnn=/enc/cnn", "encoders.swin=/enc/swin"])
+    cells = st.expand(study)
+    assert cells and len({c.name for c in cells}) == len(cells)
+    for model in dict.fromkeys(c.model for c in cells):
+        cell = next(c for c in cells if c.model == model)
+        cfg = st.compose_cell(cell, tmp_path)
+        assert cfg.out == str(tmp_path / cell.name)
+        assert cfg.data.zoom == (0.5 if model.endswith("_zoom05") else 1.0)
+
+
 def test_per_model_init_skips_models_not_listed():
     study = {"models": ["unet_lite", "cs_unet_test"], "seeds": [0],
              "inits": {"random": [], "micronet": {"unet_lite": ["+model.encoder_weights.cnn=x"]}},
