@@ -94,9 +94,13 @@ def test_cli(tmp_path, capsys):
     kwargs = dict(num_classes=3, in_chans=1, img_size=64)
     ckpt = save_model(tmp_path / "ckpt", create_model("unet_test", **kwargs),
                       dict(model="unet_test", model_kwargs=kwargs, class_names=["a", "b", "c"], tile_size=64,
-                           in_chans=1, mean=[0.5], std=[0.25]))
+                           in_chans=1, mean=[0.5], std=[0.25], intensity="percentile", zoom=0.5))
     assert main([str(ckpt), "--onnx", str(tmp_path / "m.onnx")]) == 0
     out = capsys.readouterr().out
     assert "max |diff| vs PyTorch" in out and (tmp_path / "m.onnx").is_file()
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert props["zoom"] == "0.5" and props["intensity"] == "percentile"  # the pre-processing a runtime repeats
     with pytest.raises(SystemExit, match="nothing to do"):
         main([str(ckpt)])
