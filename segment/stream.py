@@ -19,6 +19,13 @@ bounded), and every band of rows is then mapped with that one fixed linear map: 
 their own stretch. The subsample is the one ``scale_intensity`` takes for a whole image in memory,
 so a streamed image is scaled exactly like ``Predictor.predict_image`` scales it.
 
+Zoom: a predictor with ``zoom != 1`` (``data.zoom`` of training) works on the resized image. Source
+rows are scaled, normalised, resized in width and resampled down the rows by a
+:class:`segment.zoom.RowResampler` as they arrive; the tiles then run on that grid exactly as above,
+and every block of final logit rows is resized back to the native grid the same way. Both
+resamplers hold only the few rows they still need, so memory stays bounded, and the result equals
+``Predictor.predict_logits`` (which resizes the whole image) to float rounding.
+
 Inputs are read row by row through a :class:`RowSource`: an uncompressed TIFF is memory-mapped,
 a striped or tiled compressed TIFF is decoded one chunk row at a time, anything else is read
 whole in its native dtype (still ``1/(4K)`` of the float map). ``open_source`` picks one.
