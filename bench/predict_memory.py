@@ -2,7 +2,7 @@
 (`segment.stream.predict_stream`) against MONAI's `sliding_window_inference`, on CPU.
 
     python bench/predict_memory.py [--size 8192] [--model unet_lite] [--tile 256] [--overlap 0.5]
-                                   [--batch 8] [--classes 3] [--repeats 3] [--threads 2]
+                                   [--batch 8] [--classes 3] [--repeats 3] [--threads 2] [--zoom 0.5]
 
 Input: a size x size uint8 synthetic superalloy micrograph (1024-pixel `pretrain.synthetic`
 tiles), written as an uncompressed TIFF, as SEMs write them. Both sides use the same model with
@@ -13,7 +13,9 @@ keeps accumulators for one band of tile rows; MONAI gets the whole normalised im
 is a fresh subprocess, so its peak RSS (`ru_maxrss` from `os.wait4`) is its own; the table gives
 the median over `--repeats` runs, the RSS before inference (imports, model, one warm-up batch), and the agreement of
 the two label maps. `--model conv` is a two-layer CNN for quick runs where the model's cost
-would otherwise dominate the time (memory is unaffected by the model).
+would otherwise dominate the time (memory is unaffected by the model). `--zoom` (a model trained
+with `data.zoom`): ours resamples band by band (`segment.zoom.RowResampler`); MONAI's side resizes the
+whole tensor with `F.interpolate` before tiling and its logits back after, as one would around it.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ def child(args: argparse.Namespace) -> None:
     from pretrain.io import to_float
     from segment.infer import Predictor
     from segment.stream import open_source, predict_stream
+    from segment.zoom import zoomed_hw
+    from torch.nn import functional as F
 
     torch.set_num_threads(args.threads)
     model = build_model(args.model, args.classes, args.tile)
@@ -69,15 +73,20 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if args.child == "stream":
         predictor = Predictor(model, tile_size=args.tile, overlap=args.overlap, gaussian=True,
-                              batch_size=args.batch, mean=(MEAN,), std=(STD,))
+                              batch_size=args.batch, mean=(MEAN,), std=(STD,), zoom=args.zoom)
         with open_source(args.image) as src:
             labels = predict_stream(predictor, src, progress=False)
     else:
         x = torch.from_numpy(to_float(tifffile.imread(args.image)))[None, None]
         x = (x - MEAN) / STD
+        hw = tuple(x.shape[-2:])
         with torch.inference_mode():
+            if args.zoom != 1.0:  # the whole-image way: resize, tile, resize the logits back
+                x = F.interpolate(x, size=zoomed_hw(hw, args.zoom), mode="area" if args.zoom < 1 else "bilinear")
             out = sliding_window_inference(x, (args.tile, args.tile), args.batch, model, overlap=args.overlap,
                                            mode="gaussian", sigma_scale=0.125, device="cpu", sw_device="cpu")
+            if args.zoom != 1.0:
+                out = F.interpolate(out, size=hw, mode="bilinear", align_corners=False)
             labels = out[0].argmax(0).to(torch.uint8).numpy()
         del out, x
     seconds = time.perf_counter() - t0
@@ -88,7 +97,8 @@ def child(args: argparse.Namespace) -> None:
 def run_child(method: str, args: argparse.Namespace, image: Path, labels: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--image", str(image), "--labels", str(labels),
            "--model", args.model, "--classes", str(args.classes), "--tile", str(args.tile),
-           "--overlap", str(args.overlap), "--batch", str(args.batch), "--threads", str(args.threads)]
+           "--overlap", str(args.overlap), "--batch", str(args.batch), "--threads", str(args.threads),
+           "--zoom", str(args.zoom)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
@@ -129,6 +139,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--zoom", type=float, default=1.0, help="model zoom (data.zoom): both sides resize the image "
+                   "by it and the logits back (MONAI's peer: whole-image F.interpolate around it)")
     p.add_argument("--child", choices=["stream", "monai"], help=argparse.SUPPRESS)
     p.add_argument("--image", help=argparse.SUPPRESS)
     p.add_argument("--labels", help=argparse.SUPPRESS)
@@ -160,7 +172,7 @@ def main() -> None:
     full_map = k * args.size * args.size * 4 / 2**20
     print()
     print(f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads), model {args.model}, "
-          f"{k} classes, tile {args.tile}, overlap {args.overlap}, Gaussian, batch {args.batch}, "
+          f"{k} classes, tile {args.tile}, overlap {args.overlap}, Gaussian, batch {args.batch}, zoom {args.zoom:g}, "
           f"median of {args.repeats}; a K x H x W float32 map is {full_map:.0f} MiB")
     print()
     print("| method | wall time (s) | peak RSS (MiB) | RSS before inference (MiB) | peak - before (MiB) |")
