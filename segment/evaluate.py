@@ -254,6 +254,15 @@ def parse_set_arg(spec: str, default_split: str = "test") -> tuple[str, Path, st
     return name, root_path, split
 
 
+def _zoom_arg(text: str) -> float:
+    from segment.zoom import check_zoom
+
+    try:
+        return check_zoom(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m segment.evaluate",
@@ -265,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
     p.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction (default 0.5)")
+    p.add_argument("--zoom", type=_zoom_arg, default=None,
+                   help="resize factor between the images and the model's grid (default: the checkpoint's)")
     p.add_argument("--class-map", default=None,
                    help="class map preset (super, ebc, ...); default: the checkpoint's")
     p.add_argument("--layout", choices=["auto", "nasa", "plain"], default="auto",
@@ -289,8 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [parse_set_arg(s) for s in args.sets]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
+    zoom = {} if args.zoom is None else {"zoom": args.zoom}
     predictor = Predictor.from_checkpoint(args.checkpoint, overlap=args.overlap, tta=args.tta,
-                                          batch_size=args.batch_size, device=device, amp_dtype=amp)
+                                          batch_size=args.batch_size, device=device, amp_dtype=amp, **zoom)
     meta = predictor.meta  # from_checkpoint took intensity=meta.get("intensity", "dtype")
     spec = args.class_map if args.class_map is not None else meta.get("class_map")
     if spec is None:

@@ -540,6 +540,13 @@ def parse_particle_classes(text: str, class_names: Sequence[str]) -> list[int]:
     return sorted(set(out))
 
 
+def _zoom_arg(text: str) -> float:
+    try:
+        return check_zoom(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _pixel_size_arg(text: str) -> str:
     try:
         parse_pixel_size(text)
@@ -560,6 +567,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     g.add_argument("--tile-size", type=int, default=None, help="tile edge (default: the checkpoint's)")
     g.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    g.add_argument("--zoom", type=_zoom_arg, default=None,
+                   help="resize factor between every image and the model's grid (default: the checkpoint's "
+                        "data.zoom, or per image from the pixel sizes); given, it is used for every image")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype on the device")
     g.add_argument("--probs", action="store_true", help="also write uint8 probability maps")
@@ -628,6 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     device=device, amp_dtype=amp, progress=False)
     if args.tile_size:
         settings["tile_size"] = args.tile_size
+    if args.zoom is not None:
+        settings["zoom"] = args.zoom
     try:  # intensity scaling: the checkpoint's meta["intensity"] ("dtype" when absent), as trained
         predictor = Predictor.from_checkpoint(args.checkpoint, **settings)
     except (FileNotFoundError, KeyError, ValueError) as exc:
@@ -642,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pixel_size_override=args.pixel_size is not None, watershed=args.watershed,
             watershed_h=args.watershed_h, save_probs=args.probs, overlays=not args.no_overlays,
             overlay_max_side=args.overlay_max_side, mask_format=args.mask_format,
-            match_pixel_size=not args.no_match_pixel_size, progress=not args.no_progress)
+            match_pixel_size=not (args.no_match_pixel_size or args.zoom is not None), progress=not args.no_progress)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     paths, failures = expand_inputs(args.inputs)

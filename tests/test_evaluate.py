@@ -160,6 +160,9 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "| mine | 2 | 100.00 ± 0.00 |" in printed and "TTA 8 flips/rotations" in printed
     assert len(list((out / "overlays" / "mine").glob("*.png"))) == 1
+    rc = main([str(tmp_path / "ckpt"), "--set", f"mine={tmp_path / 'Set'}", "--out", str(tmp_path / "eval_z"),
+               "--device", "cpu", "--no-progress", "--no-overlays", "--zoom", "2"])
+    assert rc == 0 and "zoom 2" in (tmp_path / "eval_z" / "summary.md").read_text()
     with pytest.raises(SystemExit):  # a class map of another size than the checkpoint's
         main([str(tmp_path / "ckpt"), "--set", f"mine={tmp_path / 'Set'}", "--out", str(out),
               "--class-map", "binary", "--device", "cpu"])

@@ -198,12 +198,19 @@ def test_cli_all_good_exit_zero_and_pixel_size(tmp_path, checkpoint):
     assert read_csv(tmp_path / "o" / "images.csv")[0]["pixel_size_nm"] == "10"
     assert (tmp_path / "o" / "masks" / "a.tif").is_file() and not (tmp_path / "o" / "overlays").exists()
     assert read_csv(tmp_path / "o" / "failures.csv") == []
+    rc = main([str(checkpoint), str(tmp_path / "a.png"), "--out", str(tmp_path / "z"), "--no-progress",
+               "--zoom", "0.5", "--no-overlays"])
+    assert rc == 0 and read_csv(tmp_path / "z" / "images.csv")[0]["zoom"] == "0.5"
+    assert np.asarray(Image.open(tmp_path / "z" / "masks" / "a.png")).shape == (80, 80)
 
 
 def test_cli_rejects_bad_arguments(tmp_path, checkpoint, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(checkpoint), str(tmp_path), "--out", str(tmp_path / "o"), "--pixel-size", "2.5"])
     assert e.value.code == 2 and "no unit" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(checkpoint), str(tmp_path), "--out", str(tmp_path / "o"), "--zoom", "-1"])
+    assert e.value.code == 2 and "zoom must be a positive number" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown class"):
         main([str(checkpoint), str(tmp_path), "--out", str(tmp_path / "o"), "--particle-classes", "gamma"])
     with pytest.raises(SystemExit, match="no images"):
