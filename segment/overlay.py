@@ -213,8 +213,8 @@ def save_panel(
     ]
     fig.legend(handles=class_handles, title="classes", loc="lower left", bbox_to_anchor=(0.01, 0.0),
                ncol=min(len(class_handles), 3), fontsize=8, title_fontsize=8, frameon=False)
-    fig.legend(handles=[patch(k, c) for k, c in error_legend()], title="errors (vs background "
-               f"{class_names[background] if background is not None else 'none'})",
+    fig.legend(handles=[patch(k, c) for k, c in error_legend()], title="errors ("
+               + (f"background class: {class_names[background]})" if background is not None else "no background class)"),
                loc="lower right", bbox_to_anchor=(0.99, 0.0), ncol=3, fontsize=8, title_fontsize=8,
                frameon=False)
 
