@@ -73,7 +73,7 @@ def test_every_preset_expands_and_each_model_composes(preset, tmp_path):
         cell = next(c for c in cells if c.model == model)
         cfg = st.compose_cell(cell, tmp_path)
         assert cfg.out == str(tmp_path / cell.name)
-        assert cfg.data.zoom == (0.5 if model.endswith("_zoom05") else 1.0)
+        assert cfg.data.zoom == (0.5 if "data.zoom=0.5" in cell.overrides else 1.0)
 
 
 def test_per_model_init_skips_models_not_listed():
