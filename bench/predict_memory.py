@@ -15,7 +15,7 @@ the median over `--repeats` runs, the RSS before inference (imports, model, one 
 the two label maps. `--model conv` is a two-layer CNN for quick runs where the model's cost
 would otherwise dominate the time (memory is unaffected by the model). `--zoom` (a model trained
 with `data.zoom`): ours resamples band by band (`segment.zoom.RowResampler`); MONAI's side resizes the
-whole tensor with `F.interpolate` before tiling and its logits back after, as one would around it.
+whole tensor (`segment.zoom.resize_image`, i.e. `F.interpolate`) before tiling and its logits back after, as one would around it.
 """
 from __future__ import annotations
 
@@ -62,8 +62,7 @@ def child(args: argparse.Namespace) -> None:
     from pretrain.io import to_float
     from segment.infer import Predictor
     from segment.stream import open_source, predict_stream
-    from segment.zoom import zoomed_hw
-    from torch.nn import functional as F
+    from segment.zoom import resize_image, resize_logits, zoomed_hw
 
     torch.set_num_threads(args.threads)
     model = build_model(args.model, args.classes, args.tile)
@@ -81,12 +80,11 @@ def child(args: argparse.Namespace) -> None:
         x = (x - MEAN) / STD
         hw = tuple(x.shape[-2:])
         with torch.inference_mode():
-            if args.zoom != 1.0:  # the whole-image way: resize, tile, resize the logits back
-                x = F.interpolate(x, size=zoomed_hw(hw, args.zoom), mode="area" if args.zoom < 1 else "bilinear")
+            # the whole-image way around MONAI: resize, tile, resize the logits back (no-ops at zoom 1)
+            x = resize_image(x[0], zoomed_hw(hw, args.zoom))[None]
             out = sliding_window_inference(x, (args.tile, args.tile), args.batch, model, overlap=args.overlap,
                                            mode="gaussian", sigma_scale=0.125, device="cpu", sw_device="cpu")
-            if args.zoom != 1.0:
-                out = F.interpolate(out, size=hw, mode="bilinear", align_corners=False)
+            out = resize_logits(out[0], hw)[None]
             labels = out[0].argmax(0).to(torch.uint8).numpy()
         del out, x
     seconds = time.perf_counter() - t0

@@ -32,6 +32,7 @@ from segment.checkpoint import atomic_write_text
 from segment.data import ClassMap, get_class_map
 from segment.infer import Predictor
 from segment.metrics import aggregate, confusion_matrix, summarize
+from segment.zoom import zoom_arg
 
 __all__ = ["evaluate_image", "evaluate_sets", "format_summary_md", "parse_set_arg", "main"]
 
@@ -254,15 +255,6 @@ def parse_set_arg(spec: str, default_split: str = "test") -> tuple[str, Path, st
     return name, root_path, split
 
 
-def _zoom_arg(text: str) -> float:
-    from segment.zoom import check_zoom
-
-    try:
-        return check_zoom(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m segment.evaluate",
@@ -274,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
     p.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction (default 0.5)")
-    p.add_argument("--zoom", type=_zoom_arg, default=None,
+    p.add_argument("--zoom", type=zoom_arg, default=None,
                    help="resize factor between the images and the model's grid (default: the checkpoint's)")
     p.add_argument("--class-map", default=None,
                    help="class map preset (super, ebc, ...); default: the checkpoint's")

@@ -62,7 +62,7 @@ from segment.quantify import (
     size_stats,
 )
 from segment.stream import CroppedSource, RowSource, open_source, predict_stream, thumbnail
-from segment.zoom import check_zoom
+from segment.zoom import check_zoom, zoom_arg
 
 __all__ = [
     "PredictOptions",
@@ -540,13 +540,6 @@ def parse_particle_classes(text: str, class_names: Sequence[str]) -> list[int]:
     return sorted(set(out))
 
 
-def _zoom_arg(text: str) -> float:
-    try:
-        return check_zoom(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _pixel_size_arg(text: str) -> str:
     try:
         parse_pixel_size(text)
@@ -567,7 +560,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     g.add_argument("--tile-size", type=int, default=None, help="tile edge (default: the checkpoint's)")
     g.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
-    g.add_argument("--zoom", type=_zoom_arg, default=None,
+    g.add_argument("--zoom", type=zoom_arg, default=None,
                    help="resize factor between every image and the model's grid (default: the checkpoint's "
                         "data.zoom, or per image from the pixel sizes); given, it is used for every image")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -219,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = args.csv or args.sweep / "results.csv"
     md_path = args.md or args.sweep / "results.md"
     write_csv(rows, csv_path)
-    md_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(md_path, md)
     print(md, end="")
     print(f"{len(rows)} rows from {len({r['run'] for r in rows})} runs -> {csv_path}, {md_path}", file=sys.stderr)

@@ -20,6 +20,7 @@ memory and equals the whole-image resize (to float rounding).
 """
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Iterator
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["check_zoom", "zoomed_hw", "image_mode", "resize_image", "resize_columns", "resize_logits",
+__all__ = ["check_zoom", "zoom_arg", "zoomed_hw", "image_mode", "resize_image", "resize_columns", "resize_logits",
            "resize_labels", "RowResampler"]
 
 
@@ -41,6 +42,14 @@ def check_zoom(zoom: float) -> float:
     if not (math.isfinite(z) and z > 0):
         raise ValueError(f"zoom must be a positive number, got {zoom!r}")
     return z
+
+
+def zoom_arg(text: str) -> float:
+    """``argparse`` type of ``--zoom`` options: the value, or a usage error saying what is wrong."""
+    try:
+        return check_zoom(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def zoomed_hw(hw: tuple[int, int], zoom: float) -> tuple[int, int]:
