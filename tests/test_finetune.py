@@ -147,9 +147,21 @@ def test_zoom_trains_on_the_model_grid_and_evaluates_on_the_native_one(tmp_path)
     from segment.data import SegmentationDataset
     from segment.infer import Predictor
 
+    import segment.data
+
+    zooms = []  # the zoom each dataset finetune builds is given: training 0.5, validation native
+    real_init = segment.data.SegmentationDataset.__init__
+
+    def spy(self, *args, **kwargs):
+        zooms.append(kwargs.get("zoom", 1.0))
+        real_init(self, *args, **kwargs)
+
     run = tmp_path / "run"
     cfg = make_cfg(run, "data.zoom=0.5", "data.synthetic_size=96", "data.crop_size=32", "data.pixel_size_nm=5")
-    result = ft.train(cfg)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(segment.data.SegmentationDataset, "__init__", spy)
+        result = ft.train(cfg)
+    assert zooms == [0.5, 1.0]
     assert set(result["test"]) >= {"test", "shifted"} and 0.0 <= result["best"] <= 1.0
     meta = json.loads((run / "best" / "model.json").read_text())
     assert meta["zoom"] == 0.5 and meta["tile_size"] == 32

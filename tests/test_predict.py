@@ -113,6 +113,7 @@ def test_images_are_resized_to_the_model_grid_pixel_size(tmp_path, threshold_pre
     particle statistics stay in native pixels and the discs are still found."""
     threshold_predictor.meta = {"model_pixel_size_nm": 8.0}
     img = disc_image()
+    img[130:150, 130:170] = np.where(np.indices((20, 40)).sum(0) % 2, 200, 25)  # 1-px checkerboard
     Image.fromarray(img).save(tmp_path / "a.png")
     write_tiff(tmp_path / "b.tif", img, pixel_size_nm=4.0)
     write_tiff(tmp_path / "c.tif", img, pixel_size_nm=16.0)
@@ -121,9 +122,13 @@ def test_images_are_resized_to_the_model_grid_pixel_size(tmp_path, threshold_pre
     assert [i.zoom for i in r.images] == [1.0, 0.5, 2.0]
     assert [row["zoom"] for row in read_csv(tmp_path / "o" / "images.csv")] == ["1", "0.5", "2"]
     assert "model grid's 8 nm/px" in (tmp_path / "o" / "README.md").read_text()
-    for key in ("a", "b", "c"):
-        mask = np.asarray(Image.open(tmp_path / "o" / "masks" / f"{key}.png"))
-        assert mask.shape == img.shape and (mask == (img > 128)).mean() > 0.98
+    masks = {k: np.asarray(Image.open(tmp_path / "o" / "masks" / f"{k}.png")) for k in ("a", "b", "c")}
+    for mask in masks.values():
+        assert mask.shape == img.shape and (mask == (img > 128)).mean() > 0.97
+    # the zoom really reached the band-wise predictor: at native size the checkerboard's bright pixels
+    # are class 1; at half size they average with the dark ones (112.5 < 127.5) and vanish
+    assert masks["a"][132:148, 132:168].mean() == pytest.approx(0.5, abs=0.02)
+    assert masks["b"][132:148, 132:168].max() == 0
     assert threshold_predictor.zoom == 1.0  # the caller's predictor is left as it was
     r = predict_paths(threshold_predictor, paths, tmp_path / "o2", options(match_pixel_size=False))
     assert [i.zoom for i in r.images] == [1.0, 1.0, 1.0]
