@@ -11,7 +11,10 @@ so the folder is made atomic at the level of the whole job::
                                                                 -- barrier --
 
 A folder named ``step_*`` with ``trainer_state.json`` is therefore complete; temp folders are
-ignored and cleaned up. The run folder must be on a file system every rank sees (as Hydra's run
+ignored and cleaned up. ``trainer_state.json`` records the size and SHA-256 of every file beside it:
+:meth:`CheckpointManager.resume` loads the newest checkpoint whose files verify, falls back to the
+one before with a warning naming the damaged file, and loads nothing with code execution
+(:mod:`pretrain.safe_state`). The run folder must be on a file system every rank sees (as Hydra's run
 folder is). Objects outside the engine (the EMA teacher, DINO's centre, :class:`TrainState`) are
 saved only if registered with ``accelerator.register_for_checkpointing``.
 
@@ -37,6 +40,13 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from pretrain.io import atomic_write_text
+from pretrain.safe_state import (
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    digest_files,
+    no_code_execution,
+    verify_files,
+)
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -45,7 +55,9 @@ __all__ = [
     "CheckpointManager",
     "Preemption",
     "TrainState",
+    "check_checkpoint",
     "list_checkpoints",
+    "read_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +94,29 @@ class TrainState:
                 setattr(self, key, type(getattr(self, key))(value))
 
 
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint folder's ``trainer_state.json``; :class:`CorruptCheckpointError` if unreadable."""
+    file = Path(path) / STATE_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(file, f"unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(file, "not a JSON object")
+    return meta
+
+
+def check_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Verify a checkpoint folder against the digests in its state file (checkpoints written before
+    digests were recorded pass unverified); returns the state."""
+    meta = read_state(path)
+    if isinstance(meta.get("files"), dict):
+        verify_files(path, meta["files"])
+    else:
+        logger.warning("checkpoint %s records no file digests (written by an older version): not verified", path)
+    return meta
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
 
@@ -110,21 +145,54 @@ class CheckpointManager:
         self.accelerator, self.run_dir, self.keep = accelerator, Path(run_dir), keep
         self.root = self.run_dir / CHECKPOINT_DIR
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint, the same on every rank (rank 0 decides)."""
-        choice = [None]
-        if self.accelerator.is_main_process:
-            found = list_checkpoints(self.run_dir)
-            choice = [str(found[-1][1]) if found else None]
-        if self.accelerator.num_processes > 1:
-            choice = broadcast_object_list(choice)
-        return Path(choice[0]) if choice[0] else None
+    def resume(self) -> dict[str, Any] | None:
+        """Load the newest checkpoint that verifies and return its ``trainer_state.json`` (None: none).
+
+        A damaged checkpoint (a file missing, truncated or altered since it was saved, or unreadable)
+        is skipped with a warning naming the file, and the one before it is tried; a file that would
+        need code execution to load stops the run (:class:`pretrain.safe_state.UnsafeCheckpointError`).
+        Collective: rank 0 verifies, every rank loads the same checkpoint.
+        """
+        candidates = [path for _, path in reversed(list_checkpoints(self.run_dir))]
+        skipped: list[str] = []
+        while candidates:
+            choice = [None]
+            if self.accelerator.is_main_process:
+                for path in candidates:
+                    try:
+                        check_checkpoint(path)
+                        choice = [str(path)]
+                        break
+                    except CorruptCheckpointError as e:
+                        logger.warning("checkpoint %s is damaged and is skipped: %s", path, e)
+                        skipped.append(str(e))
+            if self.accelerator.num_processes > 1:
+                choice = broadcast_object_list(choice)
+            if choice[0] is None:
+                break
+            path = Path(choice[0])
+            candidates = candidates[candidates.index(path) + 1:]
+            try:
+                meta = self.load(path)
+            except CorruptCheckpointError as e:
+                logger.warning("checkpoint %s could not be read and is skipped: %s", path, e)
+                skipped.append(str(e))
+                continue
+            if skipped:
+                logger.warning("resumed from the earlier intact checkpoint %s (skipped: %s)", path, "; ".join(skipped))
+            return meta
+        if skipped:
+            raise CorruptCheckpointError(
+                self.root, "no intact checkpoint to resume from (" + "; ".join(skipped) + "); pass "
+                "checkpoint.resume=false to start over in this folder, or choose a new out=DIR")
+        return None
 
     def load(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """Restore the accelerator state (engine, optimizer, RNG, registered objects) from ``path``
-        and return its ``trainer_state.json``. Refuses a DeepSpeed checkpoint of another world size."""
+        and return its ``trainer_state.json``. Refuses a DeepSpeed checkpoint of another world size,
+        and any file that would need code execution to unpickle."""
         path = Path(path)
-        meta = json.loads((path / STATE_FILE).read_text())
+        meta = read_state(path)
         saved_world = meta.get("world_size")
         if (saved_world not in (None, self.accelerator.num_processes)
                 and meta.get("deepspeed") and self.accelerator.distributed_type.name == "DEEPSPEED"):
@@ -134,7 +202,10 @@ class CheckpointManager:
                 "it with DeepSpeed's universal checkpoint tools (ds_to_universal.py) first."
             )
         try:
-            self.accelerator.load_state(str(path))
+            with no_code_execution():
+                self.accelerator.load_state(str(path))
+        except (CorruptCheckpointError, UnsafeCheckpointError):
+            raise
         except (RuntimeError, KeyError, ValueError) as e:
             raise RuntimeError(
                 f"cannot resume from {path}: {str(e).splitlines()[0]} - the run folder holds a checkpoint of another "
@@ -159,7 +230,8 @@ class CheckpointManager:
         if acc.is_main_process:
             state = {**meta, "step": step, "world_size": acc.num_processes,
                      "deepspeed": acc.distributed_type.name == "DEEPSPEED",
-                     "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                     "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "files": digest_files(tmp, exclude=(STATE_FILE,))}
             atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2, default=str) + "\n")
             if final.exists():  # the same step saved again (e.g. stop right after a periodic save)
                 shutil.rmtree(final)

@@ -584,9 +584,7 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     preemption = Preemption(accelerator, out, poll_every=cfg.checkpoint.poll_every)
     preemption.clear_stale_flag()
     resumed_from = None
-    latest = checkpoints.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
-        checkpoints.load(latest)
+    if cfg.checkpoint.resume and checkpoints.resume() is not None:
         resumed_from = state.step
         state.resumes += 1
     start, total = state.step, schedules.total_steps

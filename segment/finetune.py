@@ -2,7 +2,8 @@
 
 One loop for CPU, one GPU and many GPUs (`accelerate launch -m segment.finetune out=RUN ...`; pass the
 same `out` to every rank). The run folder holds the resolved config, `history.csv`, TensorBoard logs,
-the resumable training state (`state/`), the `best/` and `last/` model checkpoints, the test
+the resumable training state (`checkpoints/step_XXXXXXX/`, the last two, verified on load and read
+without unpickling code: `pretrain.checkpointing`), the `best/` and `last/` model checkpoints, the test
 evaluation (`eval/`) and `report.md`. Rerunning with the same `out` resumes where it stopped.
 """
 from __future__ import annotations
@@ -27,14 +28,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from segment.checkpoint import atomic_write_text, replace_dir, save_model
-from pretrain.checkpointing import Preemption
+from segment.checkpoint import atomic_write_text, save_model
+from pretrain.checkpointing import CheckpointManager, Preemption
+from pretrain.safe_state import no_code_execution
 from segment.config import FinetuneConfig, Schedule, register_configs
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "state"
-TRAINER_FILE = "trainer.json"
+LEGACY_STATE_DIR = "state"  # the training state of runs written before checkpoints/ (resumed, never written)
+KEEP_CHECKPOINTS = 2  # the latest and one to fall back to when the latest is damaged
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -220,10 +222,21 @@ def write_history(path: Path, rows: list[dict]) -> None:
 
 
 def read_history(path: Path) -> list[dict]:
+    """The rows of `history.csv` with the types they were written with (int, float or None)."""
     if not path.is_file():
         return []
     with path.open() as f:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _number(text: str | None) -> int | float | None:
+    """`"3"` -> 3, `"3.0"` / `"0.25"` / `"nan"` -> float, `""` -> None: a resumed run rewrites what it read."""
+    if text in ("", None):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def train(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -291,19 +304,16 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     # ---- resume
     state = dict(epoch=0, step_in_epoch=0, global_step=0, best=-1.0, best_epoch=-1, bad_epochs=0, elapsed=0.0)
     history = read_history(out / "history.csv")
-    if cfg.resume and (out / STATE_DIR / TRAINER_FILE).is_file():
-        accelerator.load_state(str(out / STATE_DIR))
-        state.update(json.loads((out / STATE_DIR / TRAINER_FILE).read_text()))
-        history = [r for r in history if r.get("epoch") is not None and r["epoch"] < state["epoch"] + 1]
-        log.info("resumed from %s at epoch %d, step %d", out / STATE_DIR, state["epoch"], state["global_step"])
+    checkpoints = CheckpointManager(accelerator, out, keep=KEEP_CHECKPOINTS)
+    if cfg.resume:
+        saved = checkpoints.resume() or load_legacy_state(accelerator, out)
+        if saved is not None:
+            state.update({k: type(state[k])(saved[k]) for k in state if k in saved})
+            history = [r for r in history if r.get("epoch") is not None and r["epoch"] < state["epoch"] + 1]
+            log.info("resumed at epoch %d, step %d", state["epoch"], state["global_step"])
 
     def save_state() -> None:
-        tmp = out / f".{STATE_DIR}.tmp"
-        accelerator.save_state(str(tmp))
-        if main_proc:
-            (tmp / TRAINER_FILE).write_text(json.dumps(state))
-            replace_dir(tmp, out / STATE_DIR)
-        accelerator.wait_for_everyone()
+        checkpoints.save(state["global_step"], dict(state))
 
     writer = None
     if main_proc:
@@ -408,6 +418,16 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
         write_report(out, history, result, cfg)
     accelerator.wait_for_everyone()
     return result
+
+
+def load_legacy_state(accelerator: Accelerator, out: Path) -> dict | None:
+    """Resume a run folder written before `checkpoints/` (`state/` + `trainer.json`), without unpickling code."""
+    legacy = out / LEGACY_STATE_DIR
+    if not (legacy / "trainer.json").is_file():
+        return None
+    with no_code_execution():
+        accelerator.load_state(str(legacy))
+    return json.loads((legacy / "trainer.json").read_text())
 
 
 def evaluate_best(out: Path, data: Data, cfg: FinetuneConfig, device) -> dict:

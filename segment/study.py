@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pretrain.checkpointing import STATE_FILE, list_checkpoints
 from pretrain.io import atomic_path, atomic_write_text
 from segment import results
 
@@ -310,7 +311,9 @@ def _train_info(run: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             return {}
 
-    status, meta, trainer = read(run / STATUS_FILE), read(run / "best" / "model.json"), read(run / "state" / "trainer.json")
+    checkpoints = list_checkpoints(run)
+    trainer = read(checkpoints[-1][1] / STATE_FILE) if checkpoints else read(run / "state" / "trainer.json")  # older runs
+    status, meta = read(run / STATUS_FILE), read(run / "best" / "model.json")
     images = status.get("train_images") or meta.get("train_images")
     if images:
         info["n_train"] = len(images)

@@ -38,7 +38,8 @@ def test_finetune_writes_run_folder(tmp_path):
     result = ft.train(make_cfg(tmp_path / "run"))
     run = tmp_path / "run"
     for f in ["config.yaml", "history.csv", "report.md", "best/model.safetensors", "best/model.json",
-              "last/model.json", "state/trainer.json", "eval/summary.md", "figures/curves.png"]:
+              "last/model.json", "checkpoints/step_0000006/trainer_state.json", "eval/summary.md",
+              "figures/curves.png"]:
         assert (run / f).is_file(), f
     assert result["global_step"] == 2 * 3  # 6 samples / batch 2 = 3 steps per epoch
     assert 0.0 <= result["best"] <= 1.0
@@ -63,7 +64,7 @@ def test_resume_after_interruption_continues_from_saved_step(tmp_path, monkeypat
         m.setattr(ft, "Preemption", StopAfter)
         first = ft.train(make_cfg(run))
     assert first == {"stopped": "signal", "global_step": 4}
-    saved = json.loads((run / "state" / "trainer.json").read_text())
+    saved = json.loads((run / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 1, 4)
 
     second = ft.train(make_cfg(run))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import segment.study as st
+from pretrain.checkpointing import STATE_FILE, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "study" / "smoke.yaml"
@@ -199,7 +200,8 @@ def test_signal_stops_the_study_and_rerun_resumes_the_cell_from_its_checkpoint(t
         report = st.run_study(cells, out)
     assert report["interrupted"] == [cells[0].name] and report["done"] == []
     assert not (out / cells[1].name).exists()  # the study stopped; the next cell was not started
-    saved = json.loads((out / cells[0].name / "state" / "trainer.json").read_text())
+    (_, latest), = list_checkpoints(out / cells[0].name)[-1:]
+    saved = json.loads((latest / STATE_FILE).read_text())
     assert saved["global_step"] == 2
 
     results = []
@@ -282,8 +284,9 @@ def test_aggregation_of_hand_written_results(tmp_path):
                       minutes=2.0, images=1)
 
     for s, steps in {0: 64, 1: 64, 2: 40}.items():  # seed 2 stopped by the time budget
-        (out / f"cs__pre__super1__s{s}" / "state").mkdir()
-        (out / f"cs__pre__super1__s{s}" / "state" / "trainer.json").write_text(json.dumps({"global_step": steps}))
+        saved = out / f"cs__pre__super1__s{s}" / "checkpoints" / f"step_{steps:07d}"
+        saved.mkdir(parents=True)
+        (saved / STATE_FILE).write_text(json.dumps({"global_step": steps}))
     status = out / "cs__pre__super1__s2" / st.STATUS_FILE
     status.write_text(json.dumps({**json.loads(status.read_text()), "stopped": "time budget of 3 min"}))
 
