@@ -121,10 +121,18 @@ def decode_image(data: bytes, extension: str) -> np.ndarray:
     return array
 
 
-def _decode_field(key: str, data: bytes) -> np.ndarray | None:
-    """webdataset decoder handler: image fields to arrays, anything else left to the defaults."""
+def _decode_field(key: str, data: bytes) -> Any:
+    """webdataset decoder handler: image fields to arrays, ``json`` to a dict, anything else stays bytes.
+
+    The only handler: webdataset's defaults (``post=``) would unpickle ``.pyd``/``.pickle`` and
+    ``torch.load`` ``.pth`` members, so a crafted shard could run code; shards are data.
+    """
     ext = key.lstrip(".").lower()
-    return decode_image(data, ext) if ext in IMAGE_EXTENSIONS else None
+    if ext in IMAGE_EXTENSIONS:
+        return decode_image(data, ext)
+    if ext == "json":
+        return json.loads(data)
+    return data
 
 
 def _sample_image(sample: dict[str, Any]) -> np.ndarray:
@@ -379,7 +387,7 @@ def make_loader(
         wds.ResampledShards(rank_urls, seed=seed, worker_seed=_WorkerSeed(rank), deterministic=True),
         wds.tarfile_to_samples(handler=counter),
         _SeededShuffle(shuffle_buffer, seed, rank) if shuffle_buffer > 0 else None,
-        wds.decode(_decode_field, handler=counter),
+        wds.decode(_decode_field, post=[], handler=counter),
         wds.map(_Prepare(with_labels, percentiles, max_side), handler=counter),
         wds.map(_ApplyViews(views, counter), handler=counter),
         wds.batched(min(batch_size, 32), collation_fn=_collate, partial=True),
@@ -427,6 +435,6 @@ def iterate_samples(
     return (
         wds.WebDataset(_resolve_urls(urls_or_dir), shardshuffle=False, nodesplitter=None,
                        workersplitter=wds.split_by_worker, handler=counter, empty_check=False)
-        .decode(_decode_field, handler=counter)
+        .decode(_decode_field, post=[], handler=counter)
         .map(_EvalSample(transform, percentiles), handler=counter)
     )

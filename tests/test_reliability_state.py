@@ -158,3 +158,38 @@ def test_history_keeps_its_column_types_after_a_resume(tmp_path, monkeypatch):
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["3", "6"]
     assert all(type(v) is int for r in ft.read_history(run / "history.csv") for k, v in r.items() if k in ("epoch", "step"))
+
+
+def test_a_shard_member_that_is_a_pickle_is_never_unpickled(tmp_path):
+    """webdataset's default decoders unpickle `.pyd` and torch-load `.pth` members: shards are data."""
+    import io
+    import pickle
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from pretrain.data import iterate_samples, make_loader
+
+    marker = tmp_path / "EXECUTED"
+    png = io.BytesIO()
+    Image.fromarray(np.arange(24 * 24, dtype=np.uint8).reshape(24, 24)).save(png, format="PNG")
+    members = {"s0.png": png.getvalue(), "s0.json": b'{"label_index": 0}',
+               "s0.pyd": pickle.dumps(Payload(marker)), "s0.pickle": pickle.dumps(Payload(marker))}
+    pth = io.BytesIO()
+    torch.save(Payload(marker), pth)
+    members["s0.pth"] = pth.getvalue()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "shard-000000.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (image, label, key), = list(iterate_samples(shards))
+    assert tuple(image.shape) == (1, 24, 24) and label == 0 and key == "s0"
+    from pretrain.views import EvalView
+
+    loader = make_loader(shards, views=EvalView(16), batch_size=1, steps_per_epoch=1, num_workers=0, seed=0)
+    assert len(list(loader)) == 1
+    assert not marker.exists(), "a shard member was unpickled"
