@@ -8,34 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pretrain.io import atomic_write_text  # noqa: F401  (re-exported: one atomic writer)
+from pretrain.io import atomic_dir, atomic_write_text, replace_dir  # noqa: F401  (re-exported: one atomic writer)
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
-
-
-def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a completed temp folder to its final name, replacing an older one."""
-    final_dir = Path(final_dir)
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
 
 
 def save_model(out_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
@@ -47,16 +31,10 @@ def save_model(out_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> P
     missing = {"model", "model_kwargs"} - meta.keys()
     if missing:
         raise ValueError(f"checkpoint metadata lacks {sorted(missing)}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:  # folder and files readable as the umask says
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / MODEL_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
