@@ -19,25 +19,35 @@ without its suffix; the README written there states every choice and column):
 * ``summary.csv``: one row per image and class, plus pooled ``ALL`` rows per class;
 * ``images.csv``: per image size, data-bar rows, pixel size and its source, zoom, seconds;
 * ``histograms/ecd_CLASS.png``: ECD histograms of the particle classes, all images pooled;
-* ``failures.csv``: images that failed and why.
+* ``failures.csv``: images that failed and why;
+* ``records/KEY.json``: what the folder tables need of one image, written last (see below).
+
+Resuming: an image's record is removed before any of its outputs is touched and written (atomically,
+like every output) after all of them, so a record means complete outputs. A rerun on the same
+``--out`` skips the images whose record matches (same input file, model and settings, outputs
+present), reads their numbers back from the records so that the folder tables still cover every
+image, and redoes the rest; ``--overwrite`` redoes all. Temporary files a killed run left are
+removed at the start.
 
 CLI::
 
     python -m segment.predict CHECKPOINT INPUTS... --out DIR [--databar auto | --crop-bottom N]
         [--pixel-size 2.5nm] [--particle-classes secondary,tertiary] [--watershed] [--tta]
-        [--overlap 0.5] [--batch-size 8] [--device cuda] [--probs]
+        [--overlap 0.5] [--batch-size 8] [--device cuda] [--probs] [--overwrite]
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import glob
 import copy
+import hashlib
 import io
+import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -47,7 +57,8 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.io import IMAGE_SUFFIXES, list_images, write_tiff
+from pretrain.io import IMAGE_SUFFIXES, atomic_path, list_images, remove_stale_temps, write_tiff
+from pretrain.cli_checks import writable_dir
 from segment.checkpoint import atomic_write_text
 from segment.databar import detect_databar
 from segment.infer import Predictor
@@ -158,12 +169,14 @@ class ImageResult:
 
 @dataclass
 class RunResult:
-    """Everything a folder run produced; ``failures`` holds ``(input, error)`` pairs."""
+    """Everything a folder run produced; ``failures`` holds ``(input, error)`` pairs, ``skipped`` the
+    keys of the images an earlier run had completed (read back from their records)."""
 
     out_dir: Path
     images: list[ImageResult]
     failures: list[tuple[str, str]]
     pooled: list[ClassSummary]
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -228,39 +241,23 @@ def output_keys(paths: Sequence[Path]) -> dict[Path, str]:
 
 
 # ----------------------------------------------------------------------------- writers
-def _atomic_path(final: Path):
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 @contextmanager
 def _atomic_memmap(path: Path, shape: tuple[int, ...], **kwargs: Any) -> Iterator[np.ndarray]:
     """A uint8 TIFF memory map under a temporary name, renamed to ``path`` only on success."""
     import tifffile
 
-    tmp = _atomic_path(path)
-    try:
+    with atomic_path(path) as tmp:
         mm = tifffile.memmap(tmp, shape=shape, dtype=np.uint8, photometric="minisblack", **kwargs)
         yield mm
         mm.flush()
         del mm
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_png(path: Path, array: np.ndarray) -> Path:
     from PIL import Image
 
-    tmp = _atomic_path(path)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -378,26 +375,36 @@ def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: s
 # ----------------------------------------------------------------------------- folder
 def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os.PathLike[str],
                   options: PredictOptions, *, failures: Sequence[tuple[str, str]] = (),
-                  settings: Mapping[str, Any] | None = None) -> RunResult:
+                  settings: Mapping[str, Any] | None = None, overwrite: bool = False) -> RunResult:
     """Run :func:`predict_image` over ``paths``, then write the folder tables, histograms and README.
 
     A failing image is logged with its path and reason and recorded; the others go on.
-    ``failures`` are earlier ones (inputs that matched nothing) to list with them.
+    ``failures`` are earlier ones (inputs that matched nothing) to list with them. Images that an
+    earlier run on ``out_dir`` completed with the same model and options are not redone, unless
+    ``overwrite`` (see the module docstring, "Resuming"); the tables cover them all the same.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if removed := remove_stale_temps(out_dir):
+        logger.info("removed %d temporary file(s) an interrupted earlier run left in %s", removed, out_dir)
     failed = list(failures)
-    results: list[ImageResult] = []
     keys = output_keys(paths)
-    items: Iterable[Path] = paths
+    fingerprint = run_fingerprint(predictor, options)
+    done = {} if overwrite else _completed(paths, keys, out_dir, fingerprint)
+    skipped = [keys[p] for p in paths if p in done]
+    items: Iterable[Path] = [p for p in paths if p not in done]
     if options.progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(paths, desc="images", unit="img")
+        items = tqdm(items, desc="images", unit="img")
     for path in items:
         try:
-            results.append(predict_image(predictor, path, out_dir, options, key=keys[path]))
-        except (KeyboardInterrupt, SystemExit):
+            done[path] = _predict_recorded(predictor, path, out_dir, options, keys[path], fingerprint)
+        except KeyboardInterrupt:
+            logger.warning("interrupted: %d of %d image(s) complete in %s; the same command resumes there",
+                           len(done), len(paths), out_dir)
+            raise
+        except SystemExit:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
             message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
@@ -405,6 +412,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os
             logger.debug("traceback for %s", path, exc_info=True)
             failed.append((str(path), f"{type(exc).__name__}: {exc}"))
 
+    results = [done[p] for p in paths if p in done]  # input order, resumed or not
     summaries = [s for r in results for s in r.summaries]
     pooled = pool_summaries(summaries) if summaries else []
     _write_csv(out_dir / "summary.csv", SUMMARY_COLUMNS, [s.row() for s in (*summaries, *pooled)])
@@ -414,11 +422,139 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os
         if s.particles:
             _histogram(out_dir / "histograms", s, tag=s.image.replace("ALL", "").strip(" []"))
     atomic_write_text(out_dir / "README.md", _readme(options, results, failed, settings or {},
-                                                           _resampling(predictor, options)))
+                                                           _resampling(predictor, options), len(skipped)))
     if failed:
         logger.error("%d of %d input(s) failed (listed in %s):\n%s", len(failed), len(paths) + len(failures),
                      out_dir / "failures.csv", "\n".join(f"  {p}: {e}" for p, e in failed))
-    return RunResult(out_dir=out_dir, images=results, failures=failed, pooled=pooled)
+    return RunResult(out_dir=out_dir, images=results, failures=failed, pooled=pooled, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------- resume
+RECORD_FORMAT = 1
+"""Version of ``records/KEY.json``; a record of another version is redone, never misread."""
+
+
+def _record_path(out_dir: Path, key: str) -> Path:
+    return out_dir / "records" / f"{key}.json"
+
+
+def _input_id(path: Path) -> dict[str, int] | None:
+    """Size and modification time of an input: a changed file is redone. None if it cannot be read
+    (``predict_image`` then reports why)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def _weights_digest(model: Any) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, bytes): a checkpoint retrained in place differs."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def run_fingerprint(predictor: Predictor, options: PredictOptions) -> str:
+    """A hash of everything that decides an image's outputs: the model's weights and ``model.json``,
+    the inference settings and ``options`` (not the device, batch size or progress bars)."""
+    what = dict(
+        options={k: v for k, v in dataclasses.asdict(options).items() if k != "progress"},
+        meta=predictor.meta, weights=_weights_digest(predictor.model), tile=predictor.tile_hw,
+        overlap=predictor.overlap, gaussian=predictor.gaussian, tta=predictor.tta, mean=predictor.mean,
+        std=predictor.std, intensity=predictor.intensity, zoom=predictor.zoom, amp=str(predictor.amp_dtype),
+    )
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _summary_json(s: ClassSummary) -> dict[str, Any]:
+    d = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+    d.update(scale=s.scale.pixel_size_nm, ecd_interior=np.asarray(s.ecd_interior, np.float64).tolist(),
+             area_interior=np.asarray(s.area_interior, np.float64).tolist())
+    for k in ("pixels", "total_pixels", "count_interior", "count_border", "count_gundersen"):
+        d[k] = int(d[k])
+    d["particles"] = bool(d["particles"])
+    for k in ("analysed_area", "number_density"):  # NaN is not JSON: null
+        d[k] = float(d[k]) if math.isfinite(d[k]) else None
+    return d
+
+
+def _summary_from_json(d: Mapping[str, Any]) -> ClassSummary:
+    d = dict(d)
+    d.update(scale=Scale(d["scale"]), ecd_interior=np.asarray(d["ecd_interior"], np.float64),
+             area_interior=np.asarray(d["area_interior"], np.float64))
+    for k in ("analysed_area", "number_density"):
+        d[k] = float("nan") if d[k] is None else float(d[k])
+    return ClassSummary(**d)
+
+
+def _write_record(out_dir: Path, result: ImageResult, source: dict[str, int] | None, fingerprint: str) -> None:
+    image = dict(height=int(result.height), width=int(result.width), databar_rows=int(result.databar_rows),
+                 pixel_size_nm=None if result.pixel_size_nm is None else float(result.pixel_size_nm),
+                 pixel_size_source=result.pixel_size_source,
+                 zoom=float(result.zoom), seconds=float(result.seconds))
+    record = dict(format=RECORD_FORMAT, fingerprint=fingerprint, input=source, image=image,
+                  outputs={k: Path(os.path.relpath(v, out_dir)).as_posix() for k, v in result.outputs.items()},
+                  summaries=[_summary_json(s) for s in result.summaries])
+    atomic_write_text(_record_path(out_dir, result.key), json.dumps(record, allow_nan=False))
+
+
+def _read_record(out_dir: Path, path: Path, key: str, fingerprint: str) -> tuple[ImageResult | None, str]:
+    """The result an earlier run recorded for ``path``, or None and why it must be (re)done."""
+    record_path = _record_path(out_dir, key)
+    if not record_path.is_file():
+        return None, "new"
+    try:
+        record = json.loads(record_path.read_text())
+        if record.get("format") != RECORD_FORMAT:
+            return None, "record of another version"
+        if record["fingerprint"] != fingerprint:
+            return None, "model or settings changed"
+        if record["input"] is None or record["input"] != _input_id(path):
+            return None, "input file changed"
+        outputs = {k: out_dir / v for k, v in record["outputs"].items()}
+        if not all(p.is_file() for p in outputs.values()):
+            return None, "outputs missing"
+        summaries = [_summary_from_json(s) for s in record["summaries"]]
+        return ImageResult(path=path, key=key, summaries=summaries, outputs=outputs, **record["image"]), "done"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.debug("%s: unreadable (%s)", record_path, exc)
+        return None, "record unreadable"
+
+
+def _completed(paths: Sequence[Path], keys: Mapping[Path, str], out_dir: Path,
+               fingerprint: str) -> dict[Path, ImageResult]:
+    """The images of ``paths`` whose outputs an earlier run on ``out_dir`` completed; logs the counts."""
+    done: dict[Path, ImageResult] = {}
+    redo: dict[str, int] = {}
+    for path in paths:
+        result, why = _read_record(out_dir, path, keys[path], fingerprint)
+        if result is not None:
+            done[path] = result
+        elif why != "new":
+            redo[why] = redo.get(why, 0) + 1
+    if done:
+        logger.info("resuming in %s: %d of %d image(s) already complete, skipped (--overwrite redoes them)",
+                    out_dir, len(done), len(paths))
+    if redo:
+        logger.info("redoing %d image(s) of an earlier run: %s", sum(redo.values()),
+                    ", ".join(f"{n} {why}" for why, n in redo.items()))
+    return done
+
+
+def _predict_recorded(predictor: Predictor, path: Path, out_dir: Path, options: PredictOptions, key: str,
+                      fingerprint: str) -> ImageResult:
+    """:func:`predict_image` bracketed by its record: removed before any output is touched, written
+    after all of them, so that a record always means complete outputs."""
+    _record_path(out_dir, key).unlink(missing_ok=True)
+    source = _input_id(path)
+    result = predict_image(predictor, path, out_dir, options, key=key)
+    _write_record(out_dir, result, source, fingerprint)
+    return result
 
 
 def _safe(name: str) -> str:
@@ -447,14 +583,8 @@ def _histogram(folder: Path, s: ClassSummary, tag: str = "") -> Path | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = folder / f"ecd_{_safe(s.name)}{'_' + tag if tag else ''}.png"
-    tmp = _atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 
@@ -468,7 +598,7 @@ def _resampling(predictor: Predictor, options: PredictOptions) -> str:
 
 
 def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Sequence[tuple[str, str]],
-            settings: Mapping[str, Any], resampling: str) -> str:
+            settings: Mapping[str, Any], resampling: str, skipped: int = 0) -> str:
     names = list(options.class_names)
     particles = [names[i] for i in options.particle_indices]
     phases = [n for i, n in enumerate(names) if i not in options.particle_indices]
@@ -479,10 +609,11 @@ def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Seq
              else "from each file's metadata (TIFF resolution / SEM vendor tags); pixels when absent")
     split = (f"split by a distance-transform watershed (h = {options.watershed_h:g} px)" if options.watershed
              else "not split (8-connected components)")
+    resumed = f" ({skipped} of them by an earlier run on this folder)" if skipped else ""
     lines = [
         "# segment.predict output",
         "",
-        f"{len(results)} image(s) segmented, {len(failed)} failed (failures.csv).",
+        f"{len(results)} image(s) segmented{resumed}, {len(failed)} failed (failures.csv).",
         "",
         "## Settings",
         *[f"- {k}: {v}" for k, v in settings.items() if v is not None],
@@ -516,6 +647,9 @@ def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Seq
         "  when only some images have a pixel size). kind = particles or phase.",
         "- images.csv: size, data-bar rows, pixel size and its source per image.",
         "- histograms/ecd_CLASS.png: pooled ECD histogram of the border-free particles of each particle class.",
+        "- records/KEY.json: per image, what the tables above need; written after all of the image's outputs.",
+        "  A rerun on this folder skips the images whose record matches (same input file, model and settings)",
+        "  and redoes the others; --overwrite redoes all.",
         "",
     ]
     return "\n".join(lines)
@@ -590,6 +724,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--overlay-max-side", type=int, default=2048, help="longest side of overlay PNGs")
     o.add_argument("--no-overlays", action="store_true", help="write no overlay PNGs")
     o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    o.add_argument("--overwrite", action="store_true",
+                   help="redo every image (default: skip the images an earlier run on --out completed with "
+                        "the same model and settings, so that an interrupted run resumes)")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -623,6 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     args = _parser().parse_args(argv)
+    writable_dir(args.out, "--out")  # before loading the model: one line, not a failure at the first image
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -668,7 +806,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():
-        result = predict_paths(predictor, paths, args.out, options, failures=failures, settings=readme_settings)
+        result = predict_paths(predictor, paths, args.out, options, failures=failures, settings=readme_settings,
+                               overwrite=args.overwrite)
     logger.info("wrote %s: %d image(s), %d failure(s)", args.out, len(result.images), len(result.failures))
     return 0 if result.ok else 1
 
