@@ -52,7 +52,7 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
-from pretrain.io import INTENSITY_PERCENTILES, intensity_range, scale_intensity
+from pretrain.io import INTENSITY_PERCENTILES, check_finite, intensity_range, scale_intensity
 
 __all__ = [
     "INTENSITY_PERCENTILES",
@@ -78,11 +78,13 @@ IMAGE_EXTENSIONS = ("png", "tif", "tiff", "jpg", "jpeg")
 
 
 def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
-                        *, value_range: tuple[float, float] | None = None) -> np.ndarray:
+                        *, value_range: tuple[float, float] | None = None,
+                        path: str | os.PathLike[str] | None = None) -> np.ndarray:
     """``image`` as float32 in [0, 1] by the robust percentile stretch that segmentation uses too:
     :func:`pretrain.io.scale_intensity` with ``mode="percentile"`` (``lo, hi`` from
-    :func:`intensity_range` unless ``value_range`` is given; a constant image gives zeros)."""
-    return scale_intensity(image, "percentile", percentiles, value_range=value_range)
+    :func:`intensity_range` unless ``value_range`` is given; a constant image gives zeros;
+    NaN/Inf pixels raise ``pretrain.io.ImageContentError`` naming ``path``)."""
+    return scale_intensity(image, "percentile", percentiles, value_range=value_range, path=path)
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -141,6 +143,14 @@ def _sample_image(sample: dict[str, Any]) -> np.ndarray:
             return sample[ext]
     raise KeyError(f"sample {sample.get('__key__')!r} from {sample.get('__url__')} has no image "
                    f"(fields: {sorted(k for k in sample if not k.startswith('__'))})")
+
+
+def _sample_name(sample: dict[str, Any]) -> str:
+    """What names a sample in errors: its source file (from the shard writer's json), else its key."""
+    meta = sample.get("json")
+    source = meta.get("source") if isinstance(meta, dict) else None
+    return f"{source} (sample {sample.get('__key__')} in {sample.get('__url__')})" if source else \
+        f"sample {sample.get('__key__')} in {sample.get('__url__')}"
 
 
 def _sample_label(sample: dict[str, Any], required: bool) -> int:
@@ -277,10 +287,12 @@ class _Prepare:
     def __call__(self, sample: dict[str, Any]) -> tuple[str, int, Tensor]:
         image = _sample_image(sample)
         label = _sample_label(sample, self.with_labels)
+        name = _sample_name(sample)
+        check_finite(image, name)  # the whole frame: its percentiles set the tile's intensity map
         value_range = intensity_range(image, self.percentiles)
         if self.max_side is not None:
             image = _random_tile(image, self.max_side)
-        tensor = torch.from_numpy(normalize_intensity(image, value_range=value_range)).unsqueeze(0)
+        tensor = torch.from_numpy(normalize_intensity(image, value_range=value_range, path=name)).unsqueeze(0)
         return sample["__key__"], label, tensor
 
 

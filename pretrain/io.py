@@ -29,6 +29,7 @@ __all__ = [
     "INTENSITY_MODES",
     "INTENSITY_PERCENTILES",
     "INTENSITY_SAMPLE_PIXELS",
+    "ImageContentError",
     "ImageReadError",
     "MicrographWarning",
     "Micrograph",
@@ -37,6 +38,8 @@ __all__ = [
     "read_raw",
     "read_pixel_size_nm",
     "canonical_intensity",
+    "check_finite",
+    "check_not_constant",
     "intensity_range",
     "intensity_sample_stride",
     "parse_intensity",
@@ -77,6 +80,18 @@ class ImageReadError(ValueError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class ImageContentError(ImageReadError):
+    """A micrograph was read but its pixels cannot be used (NaN/Inf, one value everywhere).
+
+    A problem of the file, not of a model: the message names the file (or ``<image array>``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, reason: str) -> None:
+        ValueError.__init__(self, f"{path if path is not None else '<image array>'}: {reason}")
+        self.path = Path(path) if path is not None else None  # type: ignore[assignment]
+        self.reason = reason
 
 
 class MicrographWarning(UserWarning):
@@ -251,9 +266,40 @@ def intensity_range(image: np.ndarray, percentiles: tuple[float, float] = INTENS
     return lo, hi
 
 
+def check_finite(image: np.ndarray, path: str | os.PathLike[str] | None = None) -> None:
+    """Raise :class:`ImageContentError` naming ``path`` if a float ``image`` holds NaN or +-Inf.
+
+    Integer images pass at no cost. NaN would otherwise flow through the intensity mapping into
+    the model (and read as "the model produced NaN"); Inf would silently clip to 0 or 1.
+    """
+    image = np.asarray(image)
+    if image.dtype.kind not in "fc" or bool(np.isfinite(image).all()):
+        return
+    n_bad = int((~np.isfinite(image)).sum())
+    n_nan = int(np.isnan(image).sum())
+    n_inf = n_bad - n_nan
+    parts = ", ".join(f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_inf, "Inf")) if n)
+    raise ImageContentError(path, f"{n_bad} of {image.size} pixels are not finite numbers ({parts}; "
+                                  f"{image.dtype} image): replace them before use (e.g. with the "
+                                  f"image's minimum) or crop them away")
+
+
+def check_not_constant(image: np.ndarray, path: str | os.PathLike[str] | None = None) -> None:
+    """Raise :class:`ImageContentError` naming ``path`` if every pixel of ``image`` has one value.
+
+    A blank frame (failed acquisition, all-black export) has nothing to segment or learn from, and
+    the intensity mapping turns it into zeros that a model would label confidently anyway.
+    """
+    image = np.asarray(image)
+    if image.size and not bool((image != image.flat[0]).any()):
+        raise ImageContentError(path, f"constant image (every one of its {image.size} pixels is "
+                                      f"{image.flat[0].item()!r}): a blank or failed acquisition?")
+
+
 def scale_intensity(image: np.ndarray, mode: str = "percentile",
                     percentiles: tuple[float, float] = INTENSITY_PERCENTILES, *,
-                    value_range: tuple[float, float] | None = None) -> np.ndarray:
+                    value_range: tuple[float, float] | None = None,
+                    path: str | os.PathLike[str] | None = None) -> np.ndarray:
     """Raw pixels -> float32 in [0, 1]; the one intensity mapping of pretraining and segmentation.
 
     ``mode="percentile"``: per-image robust stretch ``(x - lo) / (hi - lo)`` clipped to [0, 1],
@@ -263,11 +309,14 @@ def scale_intensity(image: np.ndarray, mode: str = "percentile",
     the percentile computation (e.g. a range computed once for a whole image streamed in tiles).
     ``"percentile_LO_HI"`` (as pretrain's encoder.json writes it) sets the percentiles.
     ``mode="dtype"``: :func:`to_float` (integers divided by their dtype's maximum, floats clipped).
+    Every path to a model passes here, so this is where NaN/Inf pixels are refused
+    (:func:`check_finite`, an :class:`ImageContentError` naming ``path``).
     """
     kind, percentiles = parse_intensity(mode, percentiles)
+    image = np.asarray(image)
+    check_finite(image, path)
     if kind == "dtype":
         return to_float(image)
-    image = np.asarray(image)
     lo, hi = value_range if value_range is not None else intensity_range(image, percentiles)
     if not hi > lo:  # constant image (or a degenerate given range)
         return np.zeros(image.shape, np.float32)

@@ -1,7 +1,7 @@
 """Micrograph folders -> WebDataset tar shards + ``manifest.json``.
 
 ``python -m pretrain.shards INPUT... --out DIR [--maxcount 1000] [--maxsize 256MB] [--workers 2]
-[--labels folder:LEVEL | csv:PATH] [--synthetic N]``
+[--labels folder:LEVEL | csv:PATH] [--synthetic N] [--dedupe]``
 
 Each sample is ``<key>.png`` (8- or 16-bit gray PNG: lossless and pixel-exact, 16 bits kept; float
 images are stored as ``<key>.tif``, zlib TIFF) plus ``<key>.json`` (source path, height, width,
@@ -15,8 +15,18 @@ an upper bound for PNG) stays under ``maxsize``, so shard i's contents depend on
 options. Worker processes write whole shards (temp name, fsync, rename) with ``wds.TarWriter``.
 A rerun skips every shard whose manifest entry matches the plan (digest of its files, keys, labels
 and format) and whose file has the recorded size and sha256: an interrupted or partly deleted run
-resumes with only the missing shards. Unreadable or empty files are skipped and listed with their
-reason in the manifest; the run continues.
+resumes with only the missing shards. Unreadable or empty files, and float images with NaN/Inf
+pixels, are skipped and listed with their reason in the manifest; the run continues.
+
+Duplicates: every sample's decoded pixels are hashed (sha256 of dtype, shape and pixels, 64 bits
+kept, recorded per shard). The decoded pixels, not the file bytes, because the same micrograph is
+often stored twice in different containers (the instrument's TIFF and a PNG export, a copy re-saved
+with other tags or compression): different bytes, one training sample. The pixels are decoded for
+writing anyway, so the hash costs no extra read. Every image whose pixels equal an earlier one's
+(sorted input order) is listed under ``duplicates`` in the manifest and logged. By default
+duplicates are only reported (every input file stays in the shards, as the user listed them);
+``--dedupe`` drops the later copies: once all hashes are known, the shards holding them are
+rewritten without them (and a rerun without ``--dedupe`` puts them back).
 """
 from __future__ import annotations
 
@@ -35,7 +45,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -46,7 +56,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from pretrain.io import IMAGE_SUFFIXES, ImageReadError, list_images, read_micrograph
+from pretrain.io import IMAGE_SUFFIXES, ImageReadError, check_finite, list_images, read_micrograph
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,6 +67,7 @@ __all__ = [
     "ShardEntry",
     "main",
     "parse_size",
+    "pixel_hash",
     "sanitize_key",
     "write_shards",
 ]
@@ -160,7 +171,12 @@ class LabelSpec:
 
 @dataclass
 class ShardEntry:
-    """One shard: ``files`` planned from global index ``first``, ``samples`` written."""
+    """One shard: ``files`` planned from global index ``first``, ``samples`` written.
+
+    ``hashes``: per planned file, the 64-bit pixel hash (hex) or None when it was skipped (None
+    for the whole list in manifests written before hashing: such shards are rewritten).
+    ``dropped``: duplicates left out by ``dedupe`` (``path``, ``duplicate_of``).
+    """
 
     name: str
     first: int
@@ -170,6 +186,8 @@ class ShardEntry:
     sha256: str
     digest: str
     skipped: list[dict[str, str]] = field(default_factory=list)
+    hashes: list[str | None] | None = None
+    dropped: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -183,6 +201,8 @@ class Manifest:
     """Files skipped while planning (not in any shard); per-shard skips are in the entries."""
     created: str = ""
     version: int = FORMAT_VERSION
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+    """Files whose pixels equal an earlier file's: ``path``, ``duplicate_of``, ``dropped``."""
 
     @property
     def total_samples(self) -> int:
@@ -207,17 +227,20 @@ class Manifest:
             "options": self.options, "labels": self.labels,
             "totals": {"shards": len(self.shards), "samples": self.total_samples, "bytes": self.total_bytes,
                        "files": sum(s.files for s in self.shards) + len(self.skipped),
-                       "skipped": len(self.all_skipped)},
+                       "skipped": len(self.all_skipped), "duplicates": len(self.duplicates),
+                       "dropped": sum(bool(d.get("dropped")) for d in self.duplicates)},
             "shards": [asdict(s) for s in self.shards],
             "skipped": self.all_skipped,
             "planning_skipped": self.skipped,
+            "duplicates": self.duplicates,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         return cls(shards=[ShardEntry(**s) for s in data["shards"]], labels=data.get("labels"),
                    options=data.get("options", {}), skipped=data.get("planning_skipped", []),
-                   created=data.get("created", ""), version=data.get("version", FORMAT_VERSION))
+                   created=data.get("created", ""), version=data.get("version", FORMAT_VERSION),
+                   duplicates=data.get("duplicates", []))
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write ``out_dir/manifest.json`` atomically."""
@@ -250,6 +273,7 @@ class _ShardTask:
     out_dir: str
     items: tuple[_Item, ...]
     digest: str
+    drop: tuple[tuple[int, str], ...] = ()  # (index, path of the kept copy): hashed, not written
 
 
 def _collect(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[tuple[Path, Path]], list[dict[str, str]]]:
@@ -348,7 +372,16 @@ def _encode(image: np.ndarray) -> tuple[str, bytes]:
     return "tif", buf.getvalue()
 
 
-def _sample(item: _Item) -> dict[str, Any]:
+def pixel_hash(image: np.ndarray) -> str:
+    """64-bit content hash (16 hex digits) of decoded pixels: sha256 of dtype, shape and values."""
+    image = np.ascontiguousarray(image)
+    sha = hashlib.sha256(f"{image.dtype.name}{image.shape}".encode())
+    sha.update(memoryview(image).cast("B"))
+    return sha.hexdigest()[:16]
+
+
+def _sample(item: _Item) -> tuple[dict[str, Any], str]:
+    """The sample's tar members and its :func:`pixel_hash`."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mg = read_micrograph(item.path, gray=True)
@@ -357,6 +390,7 @@ def _sample(item: _Item) -> dict[str, Any]:
         raise ImageReadError(item.path, "empty image")
     if image.ndim != 2:
         raise ImageReadError(item.path, f"not a gray image after reading (shape {image.shape})")
+    check_finite(image, item.path)  # NaN/Inf would reach pretraining as NaN losses
     ext, data = _encode(image)
     meta = {
         "source": item.path, "key": item.key, "index": item.index,
@@ -366,7 +400,7 @@ def _sample(item: _Item) -> dict[str, Any]:
     }
     if caught:
         meta["warnings"] = [str(w.message) for w in caught]
-    return {"__key__": item.key, ext: data, "json": json.dumps(meta).encode()}
+    return {"__key__": item.key, ext: data, "json": json.dumps(meta).encode()}, pixel_hash(image)
 
 
 def _write_shard(task: _ShardTask) -> ShardEntry:
@@ -375,6 +409,9 @@ def _write_shard(task: _ShardTask) -> ShardEntry:
     final = out_dir / task.name
     tmp = out_dir / f".{task.name}.tmp-{os.getpid()}"
     skipped: list[dict[str, str]] = []
+    hashes: list[str | None] = []
+    drop = dict(task.drop)
+    dropped: list[dict[str, str]] = []
     samples = 0
     try:
         with tmp.open("wb") as raw:
@@ -382,10 +419,15 @@ def _write_shard(task: _ShardTask) -> ShardEntry:
             with wds.TarWriter(sink, encoder=False, mtime=_TAR_MTIME) as writer:
                 for item in task.items:
                     try:
-                        sample = _sample(item)
+                        sample, content = _sample(item)
                     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and listed
                         reason = exc.reason if isinstance(exc, ImageReadError) else f"{type(exc).__name__}: {exc}"
                         skipped.append({"path": item.path, "reason": reason})
+                        hashes.append(None)
+                        continue
+                    hashes.append(content)
+                    if item.index in drop:
+                        dropped.append({"path": item.path, "duplicate_of": drop[item.index]})
                         continue
                     writer.write(sample)
                     samples += 1
@@ -396,7 +438,8 @@ def _write_shard(task: _ShardTask) -> ShardEntry:
         tmp.unlink(missing_ok=True)
         raise
     return ShardEntry(name=task.name, first=task.items[0].index, files=len(task.items), samples=samples,
-                      bytes=sink.size, sha256=sink.sha.hexdigest(), digest=task.digest, skipped=skipped)
+                      bytes=sink.size, sha256=sink.sha.hexdigest(), digest=task.digest, skipped=skipped,
+                      hashes=hashes, dropped=dropped)
 
 
 def _file_sha256(path: Path) -> str:
@@ -408,7 +451,9 @@ def _file_sha256(path: Path) -> str:
 
 
 def _is_complete(entry: ShardEntry | None, task: _ShardTask, verify: bool) -> bool:
-    if entry is None or entry.digest != task.digest:
+    """Whether the shard on disk is the planned one (which duplicates it leaves out is checked
+    later, by :func:`_duplicates`, once every shard's hashes are known)."""
+    if entry is None or entry.digest != task.digest or entry.hashes is None:
         return False
     path = Path(task.out_dir) / task.name
     if not path.is_file() or path.stat().st_size != entry.bytes:
@@ -429,11 +474,14 @@ def write_shards(
     labels: str | LabelSpec | None = None,
     verify: bool = True,
     progress: bool = True,
+    dedupe: bool = False,
 ) -> Manifest:
     """Write (or complete) the shards of ``files_or_dirs`` in ``out_dir`` and return the manifest.
 
     ``workers`` processes write whole shards (0 or 1: in this process). Shards already complete
-    (matching plan digest, size and, with ``verify``, sha256) are kept as they are.
+    (matching plan digest, size and, with ``verify``, sha256) are kept as they are. Images with the
+    pixels of an earlier one are listed in ``manifest.duplicates``; ``dedupe`` leaves them out of
+    the shards (those shards are rewritten once all hashes are known; see the module docstring).
     """
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
@@ -460,7 +508,8 @@ def write_shards(
     ]
     if not items:
         logger.warning("no images found in %s", ", ".join(str(p) for p in files_or_dirs))
-    options = {"maxcount": maxcount, "maxsize": maxsize, "labels": str(spec) if spec is not None else None}
+    options = {"maxcount": maxcount, "maxsize": maxsize, "labels": str(spec) if spec is not None else None,
+               "dedupe": dedupe}
 
     previous: dict[str, ShardEntry] = {}
     if (out / MANIFEST_NAME).is_file():
@@ -502,17 +551,17 @@ def write_shards(
         done_files = sum(len(t.items) for t in tasks if t.name in entries)
         bar = tqdm(total=len(items), initial=done_files, unit="img", desc="shards", disable=not progress,
                    dynamic_ncols=True)
-        results = pool.imap_unordered(_write_shard, todo) if pool else map(_write_shard, todo)
-        last_save = time.monotonic()
         try:
-            for entry in results:
-                entries[entry.name] = entry
-                bar.update(entry.files)
-                for skip in entry.skipped:
-                    logger.warning("skipped %s: %s", skip["path"], skip["reason"])
-                if time.monotonic() - last_save > _SAVE_INTERVAL_S:
-                    snapshot()
-                    last_save = time.monotonic()
+            _run(todo, pool, entries, bar, snapshot)
+            copies = _duplicates(tasks, entries)
+            redo = _redo_for_drops(tasks, entries, copies if dedupe else {})
+            if redo:
+                logger.info("rewriting %d shard(s) %s duplicates", len(redo), "without" if dedupe else "with their")
+                bar.reset(total=sum(len(t.items) for t in redo))
+                bar.set_description("dedupe")
+                _run(redo, pool, entries, bar, snapshot)
+            manifest.duplicates = [{"path": it.path, "duplicate_of": copies[it.index], "dropped": dedupe}
+                                   for t in tasks for it in t.items if it.index in copies]
         finally:
             bar.close()
             snapshot()  # keep whatever finished, so a rerun resumes
@@ -528,7 +577,58 @@ def write_shards(
     logger.info("%d samples in %d shards (%.1f MB); %d file(s) skipped, listed in %s",
                 manifest.total_samples, len(manifest.shards), manifest.total_bytes / 1e6, len(skipped),
                 out / MANIFEST_NAME)
+    if manifest.duplicates:
+        first = manifest.duplicates[0]
+        logger.warning("%d image(s) repeat the pixels of an earlier one (%s), listed under 'duplicates' "
+                       "in %s; e.g. %s = %s", len(manifest.duplicates),
+                       "dropped" if dedupe else "kept; pass --dedupe to drop them", out / MANIFEST_NAME,
+                       first["path"], first["duplicate_of"])
     return manifest
+
+
+def _run(todo: Sequence[_ShardTask], pool: mp.pool.Pool | None, entries: dict[str, ShardEntry], bar: Any,
+         snapshot: Callable[[], None]) -> None:
+    """Write the shards of ``todo`` (in ``pool`` if any) into ``entries``, saving the manifest
+    every few seconds so that an interrupted run resumes."""
+    results = pool.imap_unordered(_write_shard, todo) if pool else map(_write_shard, todo)
+    last_save = time.monotonic()
+    for entry in results:
+        entries[entry.name] = entry
+        bar.update(entry.files)
+        for skip in entry.skipped:
+            logger.warning("skipped %s: %s", skip["path"], skip["reason"])
+        if time.monotonic() - last_save > _SAVE_INTERVAL_S:
+            snapshot()
+            last_save = time.monotonic()
+
+
+def _duplicates(tasks: Sequence[_ShardTask], entries: dict[str, ShardEntry]) -> dict[int, str]:
+    """``{index: path of the first file with the same pixels}`` for every later copy, in plan
+    (sorted input) order, from the hashes recorded in the shard entries."""
+    first: dict[str, str] = {}
+    copies: dict[int, str] = {}
+    for task in tasks:
+        hashes = entries[task.name].hashes or []
+        for item, content in zip(task.items, hashes, strict=True):
+            if content is None:
+                continue
+            if content in first:
+                copies[item.index] = first[content]
+            else:
+                first[content] = item.path
+    return copies
+
+
+def _redo_for_drops(tasks: Sequence[_ShardTask], entries: dict[str, ShardEntry],
+                    drop: dict[int, str]) -> list[_ShardTask]:
+    """The tasks whose shard leaves out other files than ``drop`` says, with ``drop`` set."""
+    redo = []
+    for task in tasks:
+        want = tuple((it.index, drop[it.index]) for it in task.items if it.index in drop)
+        have = {(d["path"], d["duplicate_of"]) for d in entries[task.name].dropped}
+        if have != {(task.items[index - task.items[0].index].path, of) for index, of in want}:
+            redo.append(replace(task, drop=want))
+    return redo
 
 
 def _pool(workers: int) -> mp.pool.Pool:
@@ -556,6 +656,9 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
                              "OUT/synthetic/ and include them; alone, labels default to folder:1")
     parser.add_argument("--synthetic-size", type=int, default=256, metavar="PX")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
+    parser.add_argument("--dedupe", action="store_true",
+                        help="leave out images whose pixels repeat an earlier file's (default: keep them and "
+                             "only list them under 'duplicates' in the manifest)")
     parser.add_argument("--no-verify", action="store_true",
                         help="trust existing shards' sizes without re-hashing them on resume")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -577,9 +680,12 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
         if labels is None and not args.inputs:
             labels = LabelSpec("folder", level=1)
     manifest = write_shards(inputs, args.out, maxcount=args.maxcount, maxsize=maxsize, workers=args.workers,
-                            labels=labels, verify=not args.no_verify, progress=not args.quiet)
+                            labels=labels, verify=not args.no_verify, progress=not args.quiet,
+                            dedupe=args.dedupe)
+    n_dup = len(manifest.duplicates)
     print(f"{manifest.total_samples} samples in {len(manifest.shards)} shards, "
-          f"{len(manifest.all_skipped)} file(s) skipped -> {args.out / MANIFEST_NAME}")
+          f"{len(manifest.all_skipped)} file(s) skipped, {n_dup} duplicate(s) "
+          f"{'dropped' if args.dedupe else 'kept'} -> {args.out / MANIFEST_NAME}")
     return manifest
 
 

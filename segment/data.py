@@ -32,13 +32,15 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from pretrain.io import (
-    IMAGE_SUFFIXES, canonical_intensity, list_images, read_micrograph, read_raw, scale_intensity,
+    IMAGE_SUFFIXES, canonical_intensity, check_not_constant, list_images, read_micrograph, read_raw,
+    scale_intensity,
 )
 from segment.zoom import check_zoom, resize_image, resize_labels, zoomed_hw
 
 __all__ = [
     "CLASS_MAPS",
     "ClassMap",
+    "UNKNOWN_COLOUR_MAX_SHARE",
     "MaskError",
     "MaskKind",
     "MicrographCLAHE",
@@ -61,6 +63,11 @@ RGB = tuple[int, int, int]
 
 _MAX_CLASSES = 255  # uint8 labels; 255 is kept free as the "unmatched" sentinel while encoding
 _TOP = 5  # unknown values/colours listed in a MaskError
+UNKNOWN_COLOUR_MAX_SHARE = 0.001
+"""Colour masks with a ``default`` class: the largest share of pixels (0.1 %) whose colour is neither a
+class colour nor gray (R = G = B, the image under an overlay) that is read as the default class
+with a warning (stray antialiasing, a few lossy pixels); a larger share is a :class:`MaskError`
+naming the file (a lossy export's near-blue, an annotation in another colour)."""
 # Okabe-Ito colour-blind-safe palette for classes without a colour of their own.
 _PALETTE: tuple[RGB, ...] = (
     (0, 0, 0), (0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167),
@@ -96,6 +103,9 @@ class ClassMap:
     ``kind="index"``: ``values[k]`` lists the raw values of class k (``[1, 2]`` merges two labels).
     ``default`` is the class of every pixel that matches no class (e.g. NASA Super's matrix, where
     the overlay keeps the gray image underneath); without it such pixels are a :class:`MaskError`.
+    For colour masks ``default`` covers gray pixels (R = G = B); other colours that are no class
+    colour are logged with their pixel counts, and are a :class:`MaskError` above
+    :data:`UNKNOWN_COLOUR_MAX_SHARE` of the mask.
     ``palette`` optionally sets the display colour per class (see :attr:`overlay_colors`).
     Alpha channels of colour masks are ignored.
     """
@@ -232,20 +242,23 @@ class ClassMap:
         keys = _rgb_keys(raw)
         fill = self.default if self.default is not None else 0
         out = np.full(raw.shape[:2], fill, dtype=np.uint8)
-        matched = np.zeros(raw.shape[:2], dtype=bool) if self.default is None else None
+        matched = np.zeros(raw.shape[:2], dtype=bool)
         for k, color in enumerate(self.colors):
             if color is None:
                 continue
             hit = keys == _rgb_key(tuple(c * scale for c in color))
             out[hit] = k
-            if matched is not None:
-                matched |= hit
-        if matched is not None and not matched.all():
+            matched |= hit
+        if self.default is not None:  # gray is the image under an overlay: the default class
+            matched |= (raw[..., 0] == raw[..., 1]) & (raw[..., 1] == raw[..., 2])
+        if not matched.all():
             unknown, counts = np.unique(keys[~matched], return_counts=True)
             listed = [(_rgb_from_key(int(key)), int(n)) for key, n in _top(unknown, counts)]
             unit = " (16-bit: 65535 = 255)" if scale > 1 else ""
-            raise MaskError(path, self._unknown_message(
-                int((~matched).sum()), out.size, len(unknown), listed, "colour", unit))
+            n_bad = int((~matched).sum())
+            if self.default is None:
+                raise MaskError(path, self._unknown_message(n_bad, out.size, len(unknown), listed, "colour", unit))
+            self._stray_colours(path, n_bad, out.size, len(unknown), listed, unit)
         return out
 
     def _encode_index(self, raw: np.ndarray, path: PathLike | None) -> np.ndarray:
@@ -283,6 +296,23 @@ class ClassMap:
                 raise MaskError(path, self._unknown_message(
                     int(bad.sum()), out.size, len(unknown), listed, "value", ""))
         return out
+
+    def _stray_colours(self, path: PathLike | None, n_bad: int, total: int, n_unknown: int,
+                       listed: list[tuple[Any, int]], unit: str) -> None:
+        """Report non-gray colours outside the map that were read as the default class: a
+        warning up to :data:`UNKNOWN_COLOUR_MAX_SHARE` of the pixels, else a MaskError."""
+        assert self.default is not None
+        shown = ", ".join(f"{v} x {n} px" for v, n in listed)
+        more = f", and {n_unknown - len(listed)} more colours" if n_unknown > len(listed) else ""
+        what = (f"{n_bad} of {total} pixels ({n_bad / total:.3%}) have colours that are neither a class "
+                f"colour {self._describe()} nor gray (R = G = B): {shown}{more}{unit}")
+        default = self.names[self.default]
+        if n_bad > UNKNOWN_COLOUR_MAX_SHARE * total:
+            raise MaskError(path, f"{what}. More than {UNKNOWN_COLOUR_MAX_SHARE:.1%} of the mask: a lossy "
+                                  f"export or an annotation in another colour? Fix the mask or give the "
+                                  f"colour to a class; only gray pixels are read as {default!r}")
+        logger.warning("%s: %s; read as %r (under %.1f%% of the mask)", path if path is not None else
+                       "<mask array>", what, default, 100 * UNKNOWN_COLOUR_MAX_SHARE)
 
     def _unknown_message(self, n_bad: int, total: int, n_unknown: int,
                          listed: list[tuple[Any, int]], what: str, unit: str) -> str:
@@ -397,13 +427,15 @@ _LAYOUTS = ("auto", "nasa", "plain")
 _MASK_SUFFIXES = ("_mask", "")  # mask stems tried for image stem X: X_mask, then X
 
 
-def find_pairs(root: PathLike, split: str, layout: str = "auto") -> list[Pair]:
+def find_pairs(root: PathLike, split: str, layout: str = "auto", *,
+               unpaired: list[Path] | None = None) -> list[Pair]:
     """Sorted (image, mask) pairs of one split; see the module docstring for the layouts.
 
     ``layout="auto"`` picks ``plain`` when ``ROOT/images`` and ``ROOT/masks`` exist, else ``nasa``.
     The mask of image stem ``X`` is ``X_mask.*`` or ``X.*`` (any supported suffix, same relative
-    subfolder). Raises FileNotFoundError for missing folders or images without a mask; masks
-    without an image are logged as a warning.
+    subfolder). Raises FileNotFoundError for missing folders or images without a mask, unless
+    ``unpaired`` is a list: then images without a mask are appended to it (and logged), so that
+    evaluation can score the others and report these. Masks without an image are logged as a warning.
     """
     root = Path(root)
     if layout not in _LAYOUTS:
@@ -448,8 +480,11 @@ def find_pairs(root: PathLike, split: str, layout: str = "auto") -> list[Pair]:
             f"{m} (looked for {mask_dir / m.parent.relative_to(image_dir) / m.stem}"
             f"{{_mask,}}.{{{suffixes}}})" for m in missing[:_TOP])
         more = f"; and {len(missing) - _TOP} more" if len(missing) > _TOP else ""
-        raise FileNotFoundError(f"{len(missing)} of {len(images)} images in {image_dir} have no mask: "
-                                f"{listed}{more}")
+        message = f"{len(missing)} of {len(images)} images in {image_dir} have no mask: {listed}{more}"
+        if unpaired is None:
+            raise FileNotFoundError(message)
+        logger.error("%s", message)
+        unpaired.extend(missing)
     orphans = [m for masks in by_key.values() for m in masks if m not in used]
     if orphans:
         logger.warning("%d masks in %s have no image (ignored): %s%s", len(orphans), mask_dir,
@@ -635,7 +670,8 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
 
     Images are read as gray, scaled to [0, 1] with ``pretrain.io.scale_intensity`` in mode
     ``intensity`` (``"percentile"``: per-image 0.5/99.5 percentile stretch, as pretraining;
-    ``"dtype"``: divided by the dtype's maximum), augmented jointly
+    ``"dtype"``: divided by the dtype's maximum; NaN/Inf pixels or a constant image are a
+    ``pretrain.io.ImageContentError`` naming the file, when the pair is loaded), augmented jointly
     with their encoded masks by ``transform`` (an albumentations pipeline, or any callable taking
     ``image=``, ``mask=`` and returning a dict of both), repeated to ``in_chans`` channels and
     normalised with ``mean``/``std``. With ``cache`` every pair is loaded and checked once, up
@@ -705,7 +741,10 @@ class SegmentationDataset(Dataset[dict[str, Any]]):
         if index in self._cache:
             return self._cache[index]
         image_path, mask_path = self.pairs[index]
-        image = scale_intensity(read_micrograph(image_path, gray=True).image, self.intensity)
+        raw = read_micrograph(image_path, gray=True).image
+        image = scale_intensity(raw, self.intensity, path=image_path)  # NaN/Inf: error naming the file
+        check_not_constant(raw, image_path)  # a blank frame teaches the model nothing
+        del raw
         label = self.class_map.encode(read_raw(mask_path), mask_path)
         if image.shape[:2] != label.shape[:2]:
             raise ValueError(f"image and mask sizes differ: {image_path} is {image.shape[0]}x"

@@ -6,13 +6,17 @@ Per set, the reported figure is the NASA benchmark IoU averaged over images (DES
 per-class IoU, mIoU and pixel accuracy pooled over the set's pixels beside it.
 
 Outputs in ``out_dir``: ``metrics.csv`` (one row per image), ``summary.csv`` and ``summary.md``
-(one row per set), ``overlays/<set>/<image>.png`` (image | truth | prediction | errors).
-A file that cannot be read or scored is logged, skipped and listed; it never stops the run.
+(one row per set), ``overlays/<set>/<image>.png`` (image | truth | prediction | errors) and
+``failures.csv`` (set, image, file, problem, message).
+Every pair that cannot be scored is treated the same way, whatever the problem (:data:`PROBLEMS`:
+a missing mask, sizes that differ, mask colours/values outside the class map, an unreadable file,
+NaN/Inf or constant pixels): it is logged, listed in ``failures.csv`` and in ``summary.md``, and
+the other images are still scored. The CLI then exits with status 1 unless ``--allow-failures``.
 
 CLI::
 
     python -m segment.evaluate CHECKPOINT --set NAME=ROOT[:SPLIT] [--set ...] --out DIR \\
-        [--tta] [--overlap 0.5] [--class-map super] [--device cpu]
+        [--tta] [--overlap 0.5] [--class-map super] [--device cpu] [--allow-failures]
 """
 from __future__ import annotations
 
@@ -34,11 +38,32 @@ from segment.infer import Predictor
 from segment.metrics import aggregate, confusion_matrix, summarize
 from segment.zoom import zoom_arg
 
-__all__ = ["evaluate_image", "evaluate_sets", "format_summary_md", "parse_set_arg", "main"]
+__all__ = ["PROBLEMS", "PairFailure", "evaluate_image", "evaluate_sets", "format_summary_md",
+           "parse_set_arg", "main"]
 
 logger = logging.getLogger(__name__)
 
-Pair = tuple[str | Path, str | Path]
+Pair = tuple[str | Path, str | Path | None]  # mask None: the image has no mask
+
+PROBLEMS = {
+    "missing_mask": "the image has no mask file",
+    "unreadable_image": "the image file cannot be read",
+    "bad_image": "the image has NaN/Inf pixels or one value everywhere",
+    "unreadable_mask": "the mask file cannot be read",
+    "bad_mask": "the mask has colours/values outside the class map, or the wrong kind",
+    "size_mismatch": "image and mask sizes differ",
+    "error": "anything else (e.g. the model failed on the image)",
+}
+"""The ``problem`` codes of ``failures.csv``."""
+
+
+class PairFailure(ValueError):
+    """An image/mask pair that cannot be scored: ``problem`` (a :data:`PROBLEMS` key), the ``file``
+    at fault, and a message naming it."""
+
+    def __init__(self, problem: str, file: str | Path, message: str) -> None:
+        super().__init__(message)
+        self.problem, self.file = problem, Path(file)
 
 
 def _background(class_map: ClassMap) -> int:
@@ -47,22 +72,67 @@ def _background(class_map: ClassMap) -> int:
 
 
 def evaluate_image(
-    predictor: Predictor, image_path: str | Path, mask_path: str | Path, class_map: ClassMap
+    predictor: Predictor, image_path: str | Path, mask_path: str | Path | None, class_map: ClassMap
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read, segment and score one image.
 
     Returns ``(cm, image, truth, pred)``: the confusion matrix, the image scaled to [0, 1] as in
     training (``predictor.scale``, its ``intensity``), and the uint8 truth and predicted label maps.
-    Raises on unreadable files or mismatched sizes.
+    Raises :class:`PairFailure` for a missing, unreadable or invalid file and for mismatched sizes
+    (checked before the model runs).
     """
-    from pretrain.io import read_micrograph, read_raw
-
-    image = predictor.scale(read_micrograph(image_path, gray=True).image)
-    truth = np.asarray(class_map.encode(read_raw(mask_path), mask_path))
+    image = _read_image(predictor, Path(image_path))
+    if mask_path is None:
+        raise PairFailure("missing_mask", image_path, f"{image_path}: no mask found for this image")
+    truth = _read_truth(Path(mask_path), class_map)
     if truth.shape != image.shape[:2]:
-        raise ValueError(f"mask {mask_path} is {truth.shape}, image is {image.shape[:2]}")
+        (mh, mw), (ih, iw) = truth.shape, image.shape[:2]
+        raise PairFailure("size_mismatch", mask_path, f"{mask_path}: mask is {mh}x{mw} but its image "
+                                                      f"{image_path} is {ih}x{iw} (HxW)")
     pred = predictor.predict_labels(predictor.normalize(image))
     return confusion_matrix(pred, truth, len(class_map.names)), image, truth, pred
+
+
+def _read_image(predictor: Predictor, path: Path) -> np.ndarray:
+    """The image scaled to [0, 1]; NaN/Inf or constant pixels are a ``bad_image`` failure."""
+    from pretrain.io import ImageContentError, ImageReadError, check_not_constant, read_micrograph
+
+    try:
+        raw = read_micrograph(path, gray=True).image
+        image = predictor.scale(raw, path=path)
+        check_not_constant(raw, path)
+    except ImageContentError as exc:
+        raise PairFailure("bad_image", path, str(exc)) from exc
+    except ImageReadError as exc:
+        raise PairFailure("unreadable_image", path, str(exc)) from exc
+    return image
+
+
+def _read_truth(path: Path, class_map: ClassMap) -> np.ndarray:
+    """The mask's class indices; a missing, unreadable or off-map mask is a failure."""
+    from pretrain.io import ImageReadError, read_raw
+    from segment.data import MaskError
+
+    if not path.exists():
+        raise PairFailure("missing_mask", path, f"{path}: mask file not found")
+    try:
+        raw = read_raw(path)
+    except ImageReadError as exc:
+        raise PairFailure("unreadable_mask", path, str(exc)) from exc
+    try:
+        return np.asarray(class_map.encode(raw, path))
+    except MaskError as exc:
+        raise PairFailure("bad_mask", path, str(exc)) from exc
+
+
+def _failure(image_path: Path, exc: Exception) -> dict[str, str]:
+    """A ``failures.csv`` row (less the set) for a pair that raised ``exc``."""
+    if isinstance(exc, PairFailure):
+        return {"image": str(image_path), "file": str(exc.file), "problem": exc.problem, "error": str(exc)}
+    message = f"{type(exc).__name__}: {exc}"
+    if str(image_path) not in message:
+        message = f"{image_path}: {message}"
+    return {"image": str(image_path), "file": str(image_path), "problem": "error", "error": message}
 
 
 def _set_result(cms: list[np.ndarray], names: Sequence[str]) -> dict[str, Any]:
@@ -87,9 +157,11 @@ def evaluate_sets(
 ) -> dict[str, dict[str, Any]]:
     """Segment and score every ``(image, mask)`` pair of every set; write tables and figures.
 
-    ``class_map`` is a ``segment.data.ClassMap``, a preset name or a dict. Returns, per set name,
-    :func:`segment.metrics.aggregate` of its images plus ``images`` (the per-image rows of
-    ``metrics.csv``) and ``failed`` (``{"image", "error"}`` for each skipped pair).
+    ``class_map`` is a ``segment.data.ClassMap``, a preset name or a dict. A pair's mask may be
+    None (no mask found). Returns, per set name, :func:`segment.metrics.aggregate` of its images
+    plus ``images`` (the per-image rows of ``metrics.csv``) and ``failed`` (``{"image", "file",
+    "problem", "error"}`` for each pair that could not be scored, also in ``failures.csv``). It
+    does not raise for a bad pair (``segment.finetune.evaluate_best`` relies on that after training).
     """
     from tqdm.auto import tqdm
 
@@ -116,8 +188,9 @@ def evaluate_sets(
                 try:
                     cm, image, truth, pred = evaluate_image(predictor, image_path, mask_path, cmap)
                 except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
-                    logger.warning("skipping %s (set %s): %s", image_path, set_name, exc)
-                    failed.append({"image": str(image_path), "error": f"{type(exc).__name__}: {exc}"})
+                    failed.append(_failure(image_path, exc))
+                    logger.error("failed [%s] %s: %s", set_name, failed[-1]["problem"], failed[-1]["error"])
+                    logger.debug("traceback for %s", image_path, exc_info=True)
                     bar.update(1)
                     continue
                 row = _image_row(set_name, image_path.name, summarize(cm, names), time.perf_counter() - t0)
@@ -144,15 +217,21 @@ def evaluate_sets(
                _summary_columns(names))
     md = format_summary_md(results, names, settings)
     atomic_write_text(out / "summary.md", md)
-    n_failed = sum(len(r["failed"]) for r in results.values())
-    if n_failed:
-        logger.warning("%d file(s) skipped:\n  %s", n_failed, "\n  ".join(
-            f"[{s}] {f['image']}: {f['error']}" for s, r in results.items() for f in r["failed"]))
+    failures = [{"set": s, **f} for s, r in results.items() for f in r["failed"]]
+    _write_csv(out / "failures.csv", [{**f, "message": f["error"]} for f in failures], FAILURE_COLUMNS)
+    if failures:
+        n_pairs = sum(len(p) for p in sets.values())
+        logger.error("%d of %d image(s) could not be scored (listed in %s):\n  %s", len(failures), n_pairs,
+                     out / "failures.csv", "\n  ".join(f"[{f['set']}] {f['problem']}: {f['error']}"
+                                                      for f in failures))
     logger.info("evaluation written to %s", out)
     return results
 
 
 # ----------------------------------------------------------------------------- tables
+FAILURE_COLUMNS = ("set", "image", "file", "problem", "message")
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=+#" else "_" for c in name) or "set"
 
@@ -207,12 +286,12 @@ def _settings(predictor: Predictor) -> str:
 
 
 def format_summary_md(results: Mapping[str, dict[str, Any]], names: Sequence[str], settings: str = "") -> str:
-    """The per-set summary as a Markdown table (IoU in %), with its definitions and skipped files."""
+    """The per-set summary as a Markdown table (IoU in %), with its definitions and failed images."""
     head = ["set", "images", "NASA IoU (mean ± std)", *[f"IoU {n}" for n in names], "mIoU", "pixel acc."]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for set_name, r in results.items():
         p = r["pooled"]
-        cells = [set_name, str(r["n_images"]) + (f" ({len(r['failed'])} skipped)" if r["failed"] else ""),
+        cells = [set_name, str(r["n_images"]) + (f" ({len(r['failed'])} failed)" if r["failed"] else ""),
                  f"{_pct(r['nasa_iou_mean'])} ± {_pct(r['nasa_iou_std'])}",
                  *[_pct(p["iou"][n]) for n in names], _pct(p["miou"]), _pct(p["pixel_accuracy"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -225,7 +304,8 @@ def format_summary_md(results: Mapping[str, dict[str, Any]], names: Sequence[str
     ]
     failed = [(s, f) for s, r in results.items() for f in r["failed"]]
     if failed:
-        lines += ["", "Skipped files:", ""] + [f"- [{s}] `{f['image']}`: {f['error']}" for s, f in failed]
+        lines += ["", "Failed images (not scored; also in failures.csv):", ""]
+        lines += [f"- [{s}] {f.get('problem', 'error')}: {f['error']}" for s, f in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -278,11 +358,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-overlays", type=int, default=8, help="overlay figures per set")
     p.add_argument("--no-overlays", action="store_true", help="write no figures")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 even if some images could not be scored (they are still listed in "
+                        "failures.csv and summary.md)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``mseg-evaluate``); exit status 1 if a set has no scored image."""
+    """Command-line entry point (``mseg-evaluate``); exit status 1 if a set has no scored image or,
+    unless ``--allow-failures``, if any image could not be scored (see ``failures.csv``)."""
     import torch
 
     args = _parser().parse_args(argv)
@@ -308,12 +392,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, root, split in specs:
         if name in sets:
             raise SystemExit(f"--set name {name!r} given twice")
-        sets[name] = find_pairs(root, split, layout=args.layout)
+        unpaired: list[Path] = []  # images without a mask: scored as failures, not a stop
+        try:
+            pairs = find_pairs(root, split, layout=args.layout, unpaired=unpaired)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise SystemExit(f"--set {name}: {exc}") from None
+        sets[name] = sorted([*pairs, *((image, None) for image in unpaired)], key=lambda p: str(p[0]))
         logger.info("set %s: %d image(s) from %s/%s", name, len(sets[name]), root, split)
     results = evaluate_sets(predictor, sets, class_map, args.out, overlays=not args.no_overlays,
                             max_overlays=args.max_overlays, progress=not args.no_progress)
     print(format_summary_md(results, class_map.names, _settings(predictor)), end="")
-    return 1 if any(r["n_images"] == 0 for r in results.values()) else 0
+    n_failed = sum(len(r["failed"]) for r in results.values())
+    if n_failed and args.allow_failures:
+        logger.warning("%d image(s) failed; exit status 0 as --allow-failures was given", n_failed)
+    empty = any(r["n_images"] == 0 for r in results.values())
+    return 1 if empty or (n_failed and not args.allow_failures) else 0
 
 
 if __name__ == "__main__":

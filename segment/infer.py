@@ -379,11 +379,13 @@ class Predictor:
         """Argmax class indices (uint8 ``H x W``) of a normalised ``C x H x W`` image."""
         return _argmax_uint8(self.predict_logits(image))
 
-    def scale(self, image: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    def scale(self, image: np.ndarray, value_range: tuple[float, float] | None = None,
+              path: str | Path | None = None) -> np.ndarray:
         """Raw pixels (native dtype) -> float32 in [0, 1] with this predictor's ``intensity``
         (:func:`pretrain.io.scale_intensity`; ``value_range`` fixes the percentile range, e.g. one
-        computed for a whole streamed image)."""
-        return scale_intensity(image, self.intensity, value_range=value_range)
+        computed for a whole streamed image). NaN/Inf pixels raise an ``ImageContentError``
+        naming ``path``."""
+        return scale_intensity(image, self.intensity, value_range=value_range, path=path)
 
     def normalize(self, image: np.ndarray) -> Tensor:
         """``H x W`` or ``H x W x C`` float image in [0, 1] -> normalised ``C x H x W`` tensor.

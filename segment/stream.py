@@ -52,7 +52,9 @@ from torch import Tensor
 
 from pretrain.io import (
     INTENSITY_PERCENTILES,
+    ImageContentError,
     ImageReadError,
+    check_finite,
     intensity_range,
     intensity_sample_stride,
     parse_intensity,
@@ -320,9 +322,11 @@ def source_intensity_range(source: RowSource, percentiles: tuple[float, float] =
     Reads ``[::s, ::s]`` (``s`` from :func:`pretrain.io.intensity_sample_stride`, so at most about
     4M pixels are held) band by band and applies :func:`pretrain.io.intensity_range`; that is the
     subsample ``intensity_range`` itself takes of the whole image, so the result is identical.
+    NaN/Inf in the sample raise an ``ImageContentError`` naming the file before any tile is run.
     """
     h, w = source.shape
     sample = _strided(source, intensity_sample_stride(h, w), band)
+    check_finite(sample, getattr(source, "path", None))
     return intensity_range(sample, percentiles)
 
 
@@ -360,16 +364,39 @@ def plan_bands(image_hw: tuple[int, int], tile_hw: tuple[int, int], step_fractio
 
 # ----------------------------------------------------------------------------- streaming core
 class _NativeRows:
-    """Rows ``[a, b)`` of the source, scaled (one intensity map for the whole image) and normalised."""
+    """Rows ``[a, b)`` of the source, scaled (one intensity map for the whole image) and normalised.
+
+    Every row passes ``Predictor.scale``, which refuses NaN/Inf naming the file; whether the raw
+    pixels ever differ is tracked on the way (usually settled by the first band), so that a
+    constant image is refused by :meth:`check_not_constant` without a second pass.
+    """
 
     def __init__(self, predictor: Predictor, source: RowSource) -> None:
         self.predictor, self.source = predictor, source
-        self.shape = source.shape
+        self.shape, self.path = source.shape, getattr(source, "path", None)
         mode, percentiles = parse_intensity(predictor.intensity)
         self.value_range = source_intensity_range(source, percentiles) if mode == "percentile" else None
+        self.first: Any = None  # the first raw pixel value, while every pixel seen equals it
+        self.varies = False
 
     def read(self, a: int, b: int) -> Tensor:
-        return self.predictor.normalize(self.predictor.scale(self.source.rows(a, b), self.value_range))
+        raw = self.source.rows(a, b)
+        if not self.varies and raw.size:
+            self.first = raw.flat[0] if self.first is None else self.first
+            self.varies = bool((raw != self.first).any())
+        try:
+            scaled = self.predictor.scale(raw, self.value_range, path=self.path)
+        except ImageContentError as exc:
+            raise ImageContentError(self.path, f"{exc.reason} (rows {a}..{b})") from None
+        return self.predictor.normalize(scaled)
+
+    def check_not_constant(self) -> None:
+        """Raise an ``ImageContentError`` naming the file if every pixel read had one value."""
+        if not self.varies:
+            value = None if self.first is None else self.first.item()
+            raise ImageContentError(self.path, f"constant image (every one of its "
+                                               f"{self.shape[0] * self.shape[1]} pixels is {value!r}): "
+                                               f"a blank or failed acquisition?")
 
 
 class _ZoomedRows:
@@ -436,7 +463,8 @@ def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool |
     ``y0 .. y0 + h``), equal to the same rows of ``predictor.predict_logits`` of the whole
     normalised image (identical at ``zoom == 1``; to float rounding otherwise, where the input is
     resized and the logits resized back band by band). Only ``plan.capacity`` rows of
-    accumulators exist at any time.
+    accumulators exist at any time. NaN/Inf pixels (first seen) or a constant image (after the
+    last block) raise ``pretrain.io.ImageContentError`` naming the file, not the model.
     """
     h, w = source.shape
     if h < 1 or w < 1:
@@ -444,11 +472,12 @@ def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool |
     native = _NativeRows(predictor, source)
     if predictor.zoom == 1.0:
         yield from _tile_logit_rows(predictor, native, progress, desc)
-        return
-    zoomed = _ZoomedRows(native, zoomed_hw((h, w), predictor.zoom))
-    back = RowResampler(zoomed.shape[0], h, "bilinear")
-    for _, block in _tile_logit_rows(predictor, zoomed, progress, desc):
-        yield from back.push(resize_columns(block, w, "bilinear"))
+    else:
+        zoomed = _ZoomedRows(native, zoomed_hw((h, w), predictor.zoom))
+        back = RowResampler(zoomed.shape[0], h, "bilinear")
+        for _, block in _tile_logit_rows(predictor, zoomed, progress, desc):
+            yield from back.push(resize_columns(block, w, "bilinear"))
+    native.check_not_constant()
 
 
 def _tile_logit_rows(predictor: Predictor, rows: _NativeRows | _ZoomedRows, progress: bool | None,

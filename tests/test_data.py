@@ -26,7 +26,7 @@ def _super_overlay(dtype: type = np.uint8) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (12, 10)).astype(np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=2)
-    rgb[0, :3] = (0, 0, 254)  # almost blue: not a class colour, stays matrix
+    rgb[0, :3] = (254, 254, 254)  # almost white: gray, so matrix (near-blue: tests/test_reliability_inputs.py)
     rgb[1, :3] = (255, 255, 255)
     expected = np.zeros((12, 10), np.uint8)
     rgb[2:6, 2:6], expected[2:6, 2:6] = BLUE, 1
@@ -56,8 +56,9 @@ def test_super_overlay_encodes_from_file(tmp_path: Path, dtype: type) -> None:
 
 def test_sixteen_bit_mask_is_compared_in_sixteen_bit_units() -> None:
     rgba, _ = _super_overlay(np.uint16)
-    rgba[0, 0, :3] = BLUE  # 255 in a 16-bit file is a dark pixel, not pure blue
-    assert CLASS_MAPS["super"].encode(rgba)[0, 0] == 0
+    rgba[0, 0, :3] = BLUE  # 255 in a 16-bit file is a dark pixel, not pure blue: an unknown colour
+    with pytest.raises(MaskError, match=r"\(0, 0, 255\) x 1 px.*16-bit"):
+        CLASS_MAPS["super"].encode(rgba)
 
 
 def test_ebc_index_mask_and_merged_oxide(tmp_path: Path) -> None:

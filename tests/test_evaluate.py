@@ -122,7 +122,7 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path):
     assert "bad.png" in res["s"]["failed"][0]["error"]  # the read error names the file
     assert res["empty"]["n_images"] == 0 and math.isnan(res["empty"]["nasa_iou_mean"])
     md = (out / "summary.md").read_text()
-    assert "Skipped files" in md and "bad.png" in md and "| s | 1 (2 skipped) |" in md
+    assert "Failed images" in md and "bad.png" in md and "| s | 1 (2 failed) |" in md
     assert len(read_csv(out / "metrics.csv")) == 1
     assert [p.name for p in (out / "overlays" / "s").iterdir()] == ["good.png"]
 

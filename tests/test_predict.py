@@ -147,7 +147,7 @@ def test_crop_bottom_and_auto_databar(tmp_path, threshold_predictor):
 
 
 def test_probability_maps(tmp_path, threshold_predictor):
-    Image.fromarray(disc_image((70, 90), ())).save(tmp_path / "p.png")
+    Image.fromarray(disc_image((70, 90), ((35, 45, 10),))).save(tmp_path / "p.png")  # not blank: that is an error
     r = predict_paths(threshold_predictor, [tmp_path / "p.png"], tmp_path / "o", options(save_probs=True))
     probs = tifffile.imread(r.images[0].outputs["probabilities"])
     assert probs.shape == (3, 70, 90) and probs.dtype == np.uint8
