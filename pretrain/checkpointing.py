@@ -39,7 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from pretrain.io import atomic_write_text
+from pretrain.io import apply_umask, atomic_write_text
 from pretrain.safe_state import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -233,6 +233,9 @@ class CheckpointManager:
                      "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      "files": digest_files(tmp, exclude=(STATE_FILE,))}
             atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2, default=str) + "\n")
+            for path in (tmp, *tmp.rglob("*")):  # safetensors and torch.save write 0600 files
+                if not path.is_symlink():
+                    apply_umask(path)
             if final.exists():  # the same step saved again (e.g. stop right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -193,3 +193,19 @@ def test_a_shard_member_that_is_a_pickle_is_never_unpickled(tmp_path):
     loader = make_loader(shards, views=EvalView(16), batch_size=1, steps_per_epoch=1, num_workers=0, seed=0)
     assert len(list(loader)) == 1
     assert not marker.exists(), "a shard member was unpickled"
+
+
+def test_training_checkpoints_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        ft.train(make_cfg(tmp_path / "run", "train.epochs=1"))
+    finally:
+        os.umask(old)
+    found = list((tmp_path / "run" / "checkpoints").rglob("*"))
+    assert found
+    for path in found:
+        want = 0o750 if path.is_dir() else 0o640
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
