@@ -25,10 +25,11 @@ Facts of webdataset 1.0.2 this module is built around (read from its source):
 * No built-in decoder keeps 16 bits: :func:`decode_image` reads PNG (``I;16``) with Pillow and TIFF
   with tifffile, in their native dtype.
 
-Intensity: each frame is mapped to [0, 1] by clipping at its 0.5th and 99.5th percentiles
-(:func:`normalize_intensity` = :func:`pretrain.io.scale_intensity` in ``"percentile"`` mode, the
-mapping ``segment`` fine-tunes with by default; same for 8- and 16-bit data); a frame whose
-percentiles coincide falls back to its min/max, a constant frame becomes zeros.
+Intensity: each frame is mapped to [0, 1] by its own window (:func:`normalize_intensity` =
+:func:`pretrain.io.scale_intensity`, ``intensity`` one of ``pretrain.io.INTENSITY_MODES``: the
+0.5/99.5 percentiles by default, or mean/std, median/MAD; the same mapping ``segment`` fine-tunes
+with, recorded in the export's ``encoder.json``); the window comes from the whole frame even when
+a tile of it is taken; a constant frame becomes zeros.
 
 Do **not** pass the loader to ``accelerator.prepare``: with default settings only rank 0 would read
 and broadcast, or (dispatch off) each rank would drop (N-1)/N of its stream. Iterate it on every
@@ -52,7 +53,7 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
-from pretrain.io import INTENSITY_PERCENTILES, check_finite, intensity_range, scale_intensity
+from pretrain.io import INTENSITY_PERCENTILES, check_finite, intensity_range, intensity_window, scale_intensity
 
 __all__ = [
     "INTENSITY_PERCENTILES",
@@ -77,14 +78,14 @@ IMAGE_EXTENSIONS = ("png", "tif", "tiff", "jpg", "jpeg")
 # --- intensity -------------------------------------------------------------------------------
 
 
-def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+def normalize_intensity(image: np.ndarray, intensity: str = "percentile",
                         *, value_range: tuple[float, float] | None = None,
                         path: str | os.PathLike[str] | None = None) -> np.ndarray:
-    """``image`` as float32 in [0, 1] by the robust percentile stretch that segmentation uses too:
-    :func:`pretrain.io.scale_intensity` with ``mode="percentile"`` (``lo, hi`` from
-    :func:`intensity_range` unless ``value_range`` is given; a constant image gives zeros;
-    NaN/Inf pixels raise ``pretrain.io.ImageContentError`` naming ``path``)."""
-    return scale_intensity(image, "percentile", percentiles, value_range=value_range, path=path)
+    """``image`` as float32 in [0, 1] by the per-image mapping that segmentation uses too:
+    :func:`pretrain.io.scale_intensity` in mode ``intensity`` (the window from
+    :func:`pretrain.io.intensity_window` unless ``value_range`` is given; a constant image gives
+    zeros; NaN/Inf pixels raise ``pretrain.io.ImageContentError`` naming ``path``)."""
+    return scale_intensity(image, intensity, value_range=value_range, path=path)
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -281,18 +282,19 @@ class _Prepare:
     """Decoded sample -> ``(key, label, image)``: robust normalisation (intensity range from the
     whole frame), optional random tile of at most ``max_side`` pixels, float tensor 1xHxW."""
 
-    def __init__(self, with_labels: bool, percentiles: tuple[float, float], max_side: int | None) -> None:
-        self.with_labels, self.percentiles, self.max_side = with_labels, percentiles, max_side
+    def __init__(self, with_labels: bool, intensity: str, max_side: int | None) -> None:
+        self.with_labels, self.intensity, self.max_side = with_labels, intensity, max_side
 
     def __call__(self, sample: dict[str, Any]) -> tuple[str, int, Tensor]:
         image = _sample_image(sample)
         label = _sample_label(sample, self.with_labels)
         name = _sample_name(sample)
-        check_finite(image, name)  # the whole frame: its percentiles set the tile's intensity map
-        value_range = intensity_range(image, self.percentiles)
+        check_finite(image, name)  # the whole frame sets the tile's intensity window
+        value_range = intensity_window(image, self.intensity)
         if self.max_side is not None:
             image = _random_tile(image, self.max_side)
-        tensor = torch.from_numpy(normalize_intensity(image, value_range=value_range, path=name)).unsqueeze(0)
+        tensor = torch.from_numpy(normalize_intensity(image, self.intensity, value_range=value_range,
+                                                      path=name)).unsqueeze(0)
         return sample["__key__"], label, tensor
 
 
@@ -365,7 +367,7 @@ def make_loader(
     with_labels: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
-    percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+    intensity: str = "percentile",
     max_side: int | None = None,
     mix_buffer: int | None = None,
     **loader_kwargs: Any,
@@ -400,7 +402,7 @@ def make_loader(
         wds.tarfile_to_samples(handler=counter),
         _SeededShuffle(shuffle_buffer, seed, rank) if shuffle_buffer > 0 else None,
         wds.decode(_decode_field, post=[], handler=counter),
-        wds.map(_Prepare(with_labels, percentiles, max_side), handler=counter),
+        wds.map(_Prepare(with_labels, intensity, max_side), handler=counter),
         wds.map(_ApplyViews(views, counter), handler=counter),
         wds.batched(min(batch_size, 32), collation_fn=_collate, partial=True),
     )
@@ -420,11 +422,11 @@ def make_loader(
 
 
 class _EvalSample:
-    def __init__(self, transform: Callable[[Tensor], Any] | None, percentiles: tuple[float, float]) -> None:
-        self.transform, self.percentiles = transform, percentiles
+    def __init__(self, transform: Callable[[Tensor], Any] | None, intensity: str) -> None:
+        self.transform, self.intensity = transform, intensity
 
     def __call__(self, sample: dict[str, Any]) -> tuple[Any, int, str]:
-        image = torch.from_numpy(normalize_intensity(_sample_image(sample), self.percentiles)).unsqueeze(0)
+        image = torch.from_numpy(normalize_intensity(_sample_image(sample), self.intensity)).unsqueeze(0)
         if self.transform is not None:
             image = self.transform(image)
         return image, _sample_label(sample, False), sample["__key__"]
@@ -434,7 +436,7 @@ def iterate_samples(
     urls_or_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     transform: Callable[[Tensor], Any] | None = None,
-    percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
+    intensity: str = "percentile",
 ) -> wds.WebDataset:
     """One ordered pass over every sample (evaluation, k-NN): yields ``(image, label, key)`` with
     ``image`` the normalised ``1 x H x W`` float tensor (or ``transform(image)``, e.g.
@@ -448,5 +450,5 @@ def iterate_samples(
         wds.WebDataset(_resolve_urls(urls_or_dir), shardshuffle=False, nodesplitter=None,
                        workersplitter=wds.split_by_worker, handler=counter, empty_check=False)
         .decode(_decode_field, post=[], handler=counter)
-        .map(_EvalSample(transform, percentiles), handler=counter)
+        .map(_EvalSample(transform, intensity), handler=counter)
     )

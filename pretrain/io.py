@@ -29,6 +29,7 @@ __all__ = [
     "INTENSITY_MODES",
     "INTENSITY_PERCENTILES",
     "INTENSITY_SAMPLE_PIXELS",
+    "INTENSITY_SPREADS",
     "ImageContentError",
     "ImageReadError",
     "MicrographWarning",
@@ -42,6 +43,7 @@ __all__ = [
     "check_not_constant",
     "intensity_range",
     "intensity_sample_stride",
+    "intensity_window",
     "parse_intensity",
     "scale_intensity",
     "to_float",
@@ -53,8 +55,12 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """File suffixes this module reads (matched case-insensitively)."""
 
-INTENSITY_MODES = ("percentile", "dtype")
-"""How :func:`scale_intensity` maps raw pixels to [0, 1] (``DataConfig.intensity``, model.json)."""
+INTENSITY_MODES = ("percentile", "zscore", "robust", "dtype")
+"""How :func:`scale_intensity` maps raw pixels to [0, 1] (``DataConfig.intensity``, model.json,
+encoder.json): a per-image window from percentiles, mean/std or median/MAD, or the dtype's range."""
+INTENSITY_SPREADS = 3.0
+"""``"zscore"``/``"robust"``: the window is centre +- this many spreads (std, or 1.4826 MAD), so
+the default model normalisation ``(x - 0.5) / 0.25`` gives ``2/3`` of a z-score, clipped at 3 spreads."""
 INTENSITY_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 """Percentiles mapped to 0 and 1 by the ``"percentile"`` mode (pretrain records them in encoder.json
 as ``"percentile_0.5_99.5"``)."""
@@ -194,21 +200,22 @@ def to_float(image: np.ndarray) -> np.ndarray:
 
 
 def canonical_intensity(spec: str) -> str:
-    """An intensity setting in canonical form: ``"dtype"``, ``"percentile"`` (the default
-    percentiles; pretrain's ``"percentile_0.5_99.5"`` is the same) or ``"percentile_LO_HI"``.
+    """An intensity setting in canonical form: ``"dtype"``, ``"zscore"``, ``"robust"``,
+    ``"percentile"`` (the default percentiles; pretrain's ``"percentile_0.5_99.5"`` is the same) or
+    ``"percentile_LO_HI"``.
 
     Raises ValueError naming the accepted values.
     """
     text = str(spec).strip().lower()
-    if text == "dtype":
-        return "dtype"
-    _, percentiles = parse_intensity(text)
+    mode, percentiles = parse_intensity(text)
+    if mode != "percentile":
+        return mode
     return "percentile" if percentiles == INTENSITY_PERCENTILES else text
 
 
 def parse_intensity(spec: str, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
                      ) -> tuple[str, tuple[float, float]]:
-    """An intensity setting -> ``(mode, percentiles)`` with mode ``"percentile"`` or ``"dtype"``;
+    """An intensity setting -> ``(mode, percentiles)``, mode one of :data:`INTENSITY_MODES`;
     ``"percentile_LO_HI"`` (pretrain's encoder.json form) overrides ``percentiles``."""
     text = str(spec).strip().lower()
     if text in INTENSITY_MODES:
@@ -222,8 +229,10 @@ def parse_intensity(spec: str, percentiles: tuple[float, float] = INTENSITY_PERC
         if 0.0 <= lo < hi <= 100.0:
             return "percentile", (lo, hi)
     raise ValueError(f"intensity must be 'percentile' (per-image {INTENSITY_PERCENTILES[0]:g}/"
-                     f"{INTENSITY_PERCENTILES[1]:g} percentile stretch), 'percentile_LO_HI' or 'dtype' "
-                     f"(divide by the dtype's maximum), got {spec!r}")
+                     f"{INTENSITY_PERCENTILES[1]:g} percentile stretch), 'percentile_LO_HI', 'zscore' "
+                     f"(per-image mean +- {INTENSITY_SPREADS:g} std), 'robust' (median +- "
+                     f"{INTENSITY_SPREADS:g} x 1.4826 MAD) or 'dtype' (divide by the dtype's maximum), "
+                     f"got {spec!r}")
 
 
 def intensity_sample_stride(height: int, width: int, max_pixels: int = INTENSITY_SAMPLE_PIXELS) -> int:
@@ -266,6 +275,41 @@ def intensity_range(image: np.ndarray, percentiles: tuple[float, float] = INTENS
     return lo, hi
 
 
+def intensity_window(image: np.ndarray, intensity: str = "percentile",
+                     percentiles: tuple[float, float] = INTENSITY_PERCENTILES) -> tuple[float, float] | None:
+    """The per-image window ``(lo, hi)`` that :func:`scale_intensity` maps to ``(0, 1)``; None for
+    ``"dtype"`` (a fixed map). Computed on the subsample :func:`intensity_range` takes, so a
+    streamed image gets the same window from the same pixels (``segment.stream``).
+
+    ``"percentile"``: :func:`intensity_range`. ``"zscore"``: mean +- :data:`INTENSITY_SPREADS` std.
+    ``"robust"``: median +- :data:`INTENSITY_SPREADS` x 1.4826 MAD (the std when half the pixels
+    share one value, so MAD is 0). A constant image gives ``lo == hi``.
+    """
+    mode, percentiles = parse_intensity(intensity, percentiles)
+    if mode == "dtype":
+        return None
+    if mode == "percentile":
+        return intensity_range(image, percentiles)
+    image = np.asarray(image)
+    if image.size == 0:
+        raise ValueError("empty image")
+    if image.ndim >= 2:
+        stride = intensity_sample_stride(image.shape[0], image.shape[1])
+        image = image[::stride, ::stride]
+    flat = image.reshape(-1).astype(np.float64)
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        raise ValueError("image has no finite values")
+    if mode == "zscore":
+        centre, spread = float(flat.mean()), float(flat.std())
+    else:
+        centre = float(np.median(flat))
+        spread = 1.4826 * float(np.median(np.abs(flat - centre)))
+        if spread <= 0:
+            spread = float(flat.std())
+    return centre - INTENSITY_SPREADS * spread, centre + INTENSITY_SPREADS * spread
+
+
 def check_finite(image: np.ndarray, path: str | os.PathLike[str] | None = None) -> None:
     """Raise :class:`ImageContentError` naming ``path`` if a float ``image`` holds NaN or +-Inf.
 
@@ -302,12 +346,12 @@ def scale_intensity(image: np.ndarray, mode: str = "percentile",
                     path: str | os.PathLike[str] | None = None) -> np.ndarray:
     """Raw pixels -> float32 in [0, 1]; the one intensity mapping of pretraining and segmentation.
 
-    ``mode="percentile"``: per-image robust stretch ``(x - lo) / (hi - lo)`` clipped to [0, 1],
-    ``lo, hi`` = :func:`intensity_range` at ``percentiles`` (percentiles that coincide widen to
-    min/max; a constant image gives zeros), the same for 8-bit, 16-bit and float data and
-    insensitive to brightness/contrast offsets between microscopes. ``value_range=(lo, hi)`` skips
-    the percentile computation (e.g. a range computed once for a whole image streamed in tiles).
-    ``"percentile_LO_HI"`` (as pretrain's encoder.json writes it) sets the percentiles.
+    Per-image modes (``"percentile"``, ``"zscore"``, ``"robust"``): ``(x - lo) / (hi - lo)`` clipped
+    to [0, 1] with the window ``lo, hi`` = :func:`intensity_window` (a constant image gives zeros),
+    the same for 8-bit, 16-bit and float data and insensitive to brightness/contrast offsets
+    between microscopes. ``value_range=(lo, hi)`` skips the window computation (e.g. a window
+    computed once for a whole image streamed in tiles). ``"percentile_LO_HI"`` (as pretrain's
+    encoder.json writes it) sets the percentiles.
     ``mode="dtype"``: :func:`to_float` (integers divided by their dtype's maximum, floats clipped).
     Every path to a model passes here, so this is where NaN/Inf pixels are refused
     (:func:`check_finite`, an :class:`ImageContentError` naming ``path``).
@@ -317,7 +361,7 @@ def scale_intensity(image: np.ndarray, mode: str = "percentile",
     check_finite(image, path)
     if kind == "dtype":
         return to_float(image)
-    lo, hi = value_range if value_range is not None else intensity_range(image, percentiles)
+    lo, hi = value_range if value_range is not None else intensity_window(image, kind, percentiles)
     if not hi > lo:  # constant image (or a degenerate given range)
         return np.zeros(image.shape, np.float32)
     out = np.asarray(image, dtype=np.float32) - np.float32(lo)

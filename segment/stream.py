@@ -12,8 +12,9 @@ float state grows with the image width, not its area. The result equals ``Predic
 order of summation, same batches).
 
 Intensity: the predictor's ``intensity`` (the one it was trained with) maps raw pixels to [0, 1]
-with :func:`pretrain.io.scale_intensity`. ``"dtype"`` is per pixel. For ``"percentile"`` the
-0.5/99.5 percentiles are computed *once per image* by :func:`source_intensity_range` from a strided
+with :func:`pretrain.io.scale_intensity`. ``"dtype"`` is per pixel. For the per-image modes the
+window (percentiles, mean/std or median/MAD) is computed *once per image* by
+:func:`source_intensity_window` from a strided
 read of the source (``[::s, ::s]`` with at most about 4M pixels, read band by band, so memory stays
 bounded), and every band of rows is then mapped with that one fixed linear map: tiles never get
 their own stretch. The subsample is the one ``scale_intensity`` takes for a whole image in memory,
@@ -51,12 +52,11 @@ import torch
 from torch import Tensor
 
 from pretrain.io import (
-    INTENSITY_PERCENTILES,
     ImageContentError,
     ImageReadError,
     check_finite,
-    intensity_range,
     intensity_sample_stride,
+    intensity_window,
     parse_intensity,
     read_micrograph,
     read_pixel_size_nm,
@@ -76,7 +76,7 @@ __all__ = [
     "iter_logit_rows",
     "predict_stream",
     "thumbnail",
-    "source_intensity_range",
+    "source_intensity_window",
     "probabilities_uint8",
     "accumulator_bytes",
 ]
@@ -315,19 +315,22 @@ def _strided(source: RowSource, stride: int, band: int = 1024) -> np.ndarray:
     return np.concatenate([source.rows(y, min(y + band, h))[::stride, ::stride] for y in range(0, h, band)])
 
 
-def source_intensity_range(source: RowSource, percentiles: tuple[float, float] = INTENSITY_PERCENTILES,
-                           band: int = 1024) -> tuple[float, float]:
-    """Percentile range ``(lo, hi)`` of a whole streamed image for ``scale_intensity(value_range=)``.
+def source_intensity_window(source: RowSource, intensity: str = "percentile",
+                            band: int = 1024) -> tuple[float, float] | None:
+    """Intensity window ``(lo, hi)`` of a whole streamed image for ``scale_intensity(value_range=)``
+    (None for ``"dtype"``, which needs none).
 
     Reads ``[::s, ::s]`` (``s`` from :func:`pretrain.io.intensity_sample_stride`, so at most about
-    4M pixels are held) band by band and applies :func:`pretrain.io.intensity_range`; that is the
-    subsample ``intensity_range`` itself takes of the whole image, so the result is identical.
+    4M pixels are held) band by band and applies :func:`pretrain.io.intensity_window`; that is the
+    subsample ``intensity_window`` itself takes of the whole image, so the result is the same.
     NaN/Inf in the sample raise an ``ImageContentError`` naming the file before any tile is run.
     """
+    if parse_intensity(intensity)[0] == "dtype":
+        return None
     h, w = source.shape
     sample = _strided(source, intensity_sample_stride(h, w), band)
     check_finite(sample, getattr(source, "path", None))
-    return intensity_range(sample, percentiles)
+    return intensity_window(sample, intensity)
 
 
 # ----------------------------------------------------------------------------- band geometry
@@ -374,8 +377,7 @@ class _NativeRows:
     def __init__(self, predictor: Predictor, source: RowSource) -> None:
         self.predictor, self.source = predictor, source
         self.shape, self.path = source.shape, getattr(source, "path", None)
-        mode, percentiles = parse_intensity(predictor.intensity)
-        self.value_range = source_intensity_range(source, percentiles) if mode == "percentile" else None
+        self.value_range = source_intensity_window(source, predictor.intensity)
         self.first: Any = None  # the first raw pixel value, while every pixel seen equals it
         self.varies = False
 

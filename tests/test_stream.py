@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from _tiles import interior_mask
-from pretrain.io import intensity_range, read_micrograph, scale_intensity, to_float, write_tiff
+from pretrain.io import intensity_range, intensity_window, read_micrograph, scale_intensity, to_float, write_tiff
 from segment.infer import Predictor, compute_steps
 from segment.stream import (
     ArraySource,
@@ -17,7 +17,7 @@ from segment.stream import (
     open_source,
     plan_bands,
     predict_stream,
-    source_intensity_range,
+    source_intensity_window,
     thumbnail,
 )
 
@@ -188,27 +188,30 @@ def test_identity_through_compressed_tiff_stream(tmp_path, u16_image):
     np.testing.assert_allclose(out[0].numpy(), to_float(u16_image), rtol=1e-5, atol=1e-6)
 
 
-def test_percentile_stream_uses_one_range_per_image(tmp_path, u16_image):
-    """Percentile mode: one range from a strided read of the whole image, applied to every band, so
+@pytest.mark.parametrize("intensity", ["percentile", "zscore", "robust"])
+def test_stream_uses_one_intensity_window_per_image(tmp_path, u16_image, intensity):
+    """Per-image modes: one window from a strided read of the whole image, applied to every band, so
     the stream equals Predictor on the whole image scaled at once (not a stretch per tile)."""
     raw = (u16_image // 8 + 1000).astype(np.uint16)
     raw[7, 9] = 65535  # hot pixel
     path = write_tiff(tmp_path / "a.tif", raw)  # deflate: chunk decoding
-    p = Predictor(Identity(), tile_size=64, batch_size=5, mean=(0.0,), std=(1.0,), intensity="percentile")
+    p = Predictor(Identity(), tile_size=64, batch_size=5, mean=(0.0,), std=(1.0,), intensity=intensity)
     with open_source(path) as src:
-        assert source_intensity_range(src) == intensity_range(raw)
+        assert source_intensity_window(src, intensity) == pytest.approx(intensity_window(raw, intensity), rel=1e-9)
         out = stream_logits(p, src)
-    np.testing.assert_allclose(out[0].numpy(), scale_intensity(raw), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[0].numpy(), scale_intensity(raw, intensity), rtol=1e-5, atol=1e-6)
     model = small_conv(k=3)
-    p = Predictor(model, tile_size=48, batch_size=4, intensity="percentile")
+    p = Predictor(model, tile_size=48, batch_size=4, intensity=intensity)
     labels = predict_stream(p, ArraySource(raw))
     np.testing.assert_array_equal(labels, p.predict_image(raw)[0])
 
 
-def test_source_intensity_range_strided_for_large_images():
+def test_source_intensity_window_strided_for_large_images():
     big = np.random.default_rng(6).integers(0, 60000, (4100, 4100)).astype(np.uint16)  # > 4M pixels
     src = ArraySource(big)
-    assert source_intensity_range(src, band=1000) == intensity_range(big) == intensity_range(big[::3, ::3])
+    assert source_intensity_window(src, band=1000) == intensity_range(big) == intensity_range(big[::3, ::3])
+    assert source_intensity_window(src, "zscore", band=1000) == pytest.approx(intensity_window(big[::3, ::3], "zscore"))
+    assert source_intensity_window(src, "dtype") is None
 
 
 def test_open_source_falls_back_for_png_and_colour(tmp_path, u16_image):
