@@ -49,7 +49,8 @@ from collections.abc import Mapping, Sequence
 import hydra
 from omegaconf import DictConfig
 
-from pretrain.config import register_configs
+from pretrain.cli_checks import check_config_keys, check_overrides
+from pretrain.config import PretrainConfig, register_configs
 from pretrain.train import train
 
 __all__ = ["cli", "main", "resolve_out_override"]
@@ -85,13 +86,23 @@ register_configs()
 
 @hydra.main(config_path="../configs", config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry: ``train(cfg)``; returns the final k-NN top-1 (NaN when not probed) for sweeps."""
+    """Hydra entry: ``train(cfg)``; returns the final k-NN top-1 (NaN when not probed) for sweeps.
+
+    Hydra's ``hydra.callbacks.check_out`` has checked that ``out`` is writable; a key the schema lacks
+    (Hydra's ``+key=`` adds any) stops here with one line naming the nearest valid key.
+    """
+    try:
+        check_config_keys(cfg, PretrainConfig)
+    except ValueError as e:
+        raise SystemExit(f"pretrain: {e}") from None
     result = train(cfg)
     return float(result["knn_top1"]) if result.get("knn_top1") is not None else float("nan")
 
 
 def cli() -> None:
-    """Console entry: add the multi-process overrides, then run Hydra."""
+    """Console entry: check the override keys (nearest valid key on a typo, before Hydra composes),
+    add the multi-process overrides, then run Hydra."""
+    check_overrides(sys.argv[1:], PretrainConfig)
     sys.argv += resolve_out_override(sys.argv[1:])
     main()
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.cli_checks import writable_dir
 from segment.checkpoint import atomic_write_text
 from segment.data import ClassMap, get_class_map
 from segment.infer import Predictor
@@ -370,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     args = _parser().parse_args(argv)
+    writable_dir(args.out, "--out")  # before loading the model: one line, not a failure at the first image
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from segment.data import find_pairs
 

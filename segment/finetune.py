@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LEGACY_STATE_DIR = "state"  # the training state of runs written before checkpoints/ (resumed, never written)
 KEEP_CHECKPOINTS = 2  # the latest and one to fall back to when the latest is damaged
+SYNTHETIC_MARKER = ".synthetic.json"  # written last into a generated set: {kind, size, seed}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -48,15 +49,58 @@ def parse_set_spec(spec: str, default_split: str = "test") -> tuple[Path, str]:
     return Path(root), split
 
 
+def _synthetic_stamp(cfg: FinetuneConfig) -> dict:
+    return {"kind": cfg.data.synthetic, "size": cfg.data.synthetic_size, "seed": 0}
+
+
+def _holds_images(root: Path) -> bool:
+    """Whether folder ROOT holds any image file (stops at the first)."""
+    from pretrain.io import IMAGE_SUFFIXES
+
+    for _, _, files in os.walk(root):
+        if any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
+            return True
+    return False
+
+
+def synthetic_to_generate(cfg: FinetuneConfig) -> bool:
+    """Whether a synthetic preset's set must be generated at `data.root` (False: a finished one is there).
+
+    The generator writes only below the run folder (`out`), never into a user's folder: a `data.root`
+    outside the run is only read, and only when it holds a finished set of the same settings
+    (`SYNTHETIC_MARKER`); otherwise ValueError naming the preset to pick for your own images.
+    """
+    d = cfg.data
+    root, out = Path(d.root).expanduser().resolve(), Path(cfg.out).expanduser().resolve()
+    marker = root / SYNTHETIC_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == _synthetic_stamp(cfg):
+        return False
+    if out in root.parents:
+        return True
+    preset = f"the synthetic data preset (data.synthetic={d.synthetic}) generates its images into the run"
+    own = (f"for your own images use data=folder data.root={root} data.class_map=... (images/ + masks/, or the "
+           f"NASA layout train/ train_annot/ ...) or a benchmark preset (data=super1, data=ebc1, ...)")
+    if marker.is_file():
+        raise ValueError(f"data.root={root} holds a synthetic set made with other settings "
+                         f"({marker.read_text().strip()}); {preset} folder: drop the data.root override")
+    if root.is_dir() and _holds_images(root):
+        raise ValueError(f"data.root={root} holds images, but {preset} and never writes into your folder; {own}")
+    raise ValueError(f"data.root={root} is outside the run folder {out}: {preset} only; "
+                     f"drop the data.root override, or {own}")
+
+
 def prepare_synthetic(cfg: FinetuneConfig, accelerator: Accelerator) -> None:
-    """Generate the synthetic NASA-layout set into the run (main process; others wait)."""
+    """Generate the synthetic NASA-layout set into the run (main process; others wait); the marker file,
+    written last, makes a rerun reuse it. A `data.root` outside the run is never written
+    (`synthetic_to_generate`)."""
     from pretrain.synthetic import write_nasa_set
 
     root = Path(cfg.data.root)
-    if accelerator.is_main_process and not (root / "train").is_dir():
+    if synthetic_to_generate(cfg) and accelerator.is_main_process:
         size = (cfg.data.synthetic_size, cfg.data.synthetic_size)
         log.info("writing synthetic %s data set to %s", cfg.data.synthetic, root)
         write_nasa_set(root, cfg.data.synthetic, size=size, seed=0)
+        atomic_write_text(root / SYNTHETIC_MARKER, json.dumps(_synthetic_stamp(cfg)))
     accelerator.wait_for_everyone()
 
 
@@ -447,15 +491,42 @@ def evaluate_best(out: Path, data: Data, cfg: FinetuneConfig, device) -> dict:
 register_configs()
 
 
+def checked_config(cfg) -> FinetuneConfig:
+    """The typed config of a composed one; SystemExit with one line for a key the schema lacks (Hydra's
+    `+key=` adds any) or a `data.root` that a synthetic preset must not touch."""
+    from pretrain.cli_checks import check_config_keys
+
+    try:
+        check_config_keys(cfg, FinetuneConfig)
+        typed = OmegaConf.to_object(cfg)
+        if typed.data.synthetic:
+            synthetic_to_generate(typed)
+    except ValueError as e:
+        raise SystemExit(f"segment.finetune: {e}") from None
+    return typed
+
+
 @hydra.main(config_path="../configs", config_name="finetune", version_base="1.3")
-def main(cfg) -> float:
+def run(cfg) -> float:
+    """Hydra entry (after `hydra.callbacks.check_out` made sure `out` is writable): `train`."""
     from hydra.core.hydra_config import HydraConfig
 
     explicit_out = any(o.startswith("out=") for o in HydraConfig.get().overrides.task)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not explicit_out:
         raise SystemExit("multi-process fine-tuning needs one run folder for all ranks: pass out=RUN_DIR")
-    result = train(OmegaConf.to_object(cfg))
+    result = train(checked_config(cfg))
     return float(result.get("best", float("nan")))
+
+
+def main() -> None:
+    """Console entry (`python -m segment.finetune`, `mseg-finetune`): a mistyped override key stops here,
+    naming the nearest valid key, before Hydra composes (which would add a `+key` silently)."""
+    import sys
+
+    from pretrain.cli_checks import check_overrides
+
+    check_overrides(sys.argv[1:], FinetuneConfig)
+    run()
 
 
 if __name__ == "__main__":

@@ -217,12 +217,14 @@ def compose_cell(cell: Cell, out: Path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from segment.config import register_configs
+    from pretrain.cli_checks import check_config_keys
+    from segment.config import FinetuneConfig, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("finetune", overrides=[*cell.overrides, f"out={out / cell.name}"])
+    check_config_keys(cfg, FinetuneConfig)  # Hydra's `+key=` adds even a misspelt key
     return OmegaConf.to_object(cfg)
 
 
