@@ -104,7 +104,10 @@ class DataConfig:
     shards: Optional[Any] = None  # a shard folder, a brace pattern or a list of shard paths; null = synthetic
     synthetic: SyntheticCorpusConfig = field(default_factory=SyntheticCorpusConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
-    mean: float = 0.5  # input normalisation after the per-image percentile scaling to [0, 1]
+    # raw pixels -> [0, 1] per image (pretrain.io.INTENSITY_MODES: percentile | zscore | robust | dtype),
+    # recorded in the export's encoder.json; fine-tune with the same data.intensity
+    intensity: str = "percentile"
+    mean: float = 0.5  # input normalisation after the intensity scaling to [0, 1]
     std: float = 0.25
     num_workers: int = 1  # DataLoader workers per rank
     shuffle_buffer: int = 500  # encoded samples per worker

@@ -183,14 +183,14 @@ def _crop_positions(h: int, w: int, crop: int, n: int) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r in rows for c in cols][:n]
 
 
-def _crops(path: Path, *, crop_size: int, n: int, view) -> list[Tensor]:
+def _crops(path: Path, *, crop_size: int, n: int, view, intensity: str = "percentile") -> list[Tensor]:
     from pretrain.data import normalize_intensity
     from pretrain.io import read_micrograph
 
     image = read_micrograph(path).image
     if image.ndim == 3:
         image = image.mean(axis=-1)
-    image = normalize_intensity(image)
+    image = normalize_intensity(image, intensity, path=path)
     h, w = image.shape
     crop = min(crop_size, h, w)
     out = []
@@ -209,10 +209,11 @@ def load_holdout(
     in_chans: int = 1,
     mean: float = 0.5,
     std: float = 0.25,
+    intensity: str = "percentile",
 ) -> Holdout:
     """Read a holdout folder (layouts in the module notes) into fixed, normalised crops.
 
-    Each image is scaled to [0, 1] by the same per-image percentile normalisation as training
+    Each image is scaled to [0, 1] by the same per-image ``intensity`` mapping as training
     (:func:`pretrain.data.normalize_intensity`), cut into ``crops_per_image`` crops of
     ``crop_size`` native pixels on a grid, resized to ``img_size`` and normalised with
     ``mean``/``std`` (channels repeated to ``in_chans``). At most ``max_images_per_class`` images
@@ -241,7 +242,7 @@ def load_holdout(
             if len(files) > max_images_per_class:
                 files = [files[i] for i in np.linspace(0, len(files) - 1, max_images_per_class).round().astype(int)]
             for path in files:
-                crops = _crops(path, crop_size=crop_size, n=crops_per_image, view=view)
+                crops = _crops(path, crop_size=crop_size, n=crops_per_image, view=view, intensity=intensity)
                 images += crops
                 labels += [classes.index(c)] * len(crops)
         if not images:

@@ -30,10 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pretrain.config import DeepSpeedStage, PretrainConfig, Precision
+from pretrain.io import canonical_intensity
 
 __all__ = [
     "CONFIG_DIR",
-    "INTENSITY",
     "deepspeed_config",
     "peak_lr",
     "schedule_config",
@@ -43,8 +43,6 @@ __all__ = [
 log = logging.getLogger("pretrain.train")
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-INTENSITY = "percentile_0.5_99.5"
-"""How raw pixels become [0, 1] before ``(x - mean) / std`` (pretrain.data.normalize_intensity)."""
 _SYNTHETIC_KINDS = ("superalloy", "coating")
 _COMPLETE = "COMPLETE"
 
@@ -82,6 +80,10 @@ def validate_config(cfg: PretrainConfig) -> None:
         bad.append(f"encoder.in_chans={cfg.encoder.in_chans} (1 or 3)")
     if cfg.data.std <= 0:
         bad.append(f"data.std={cfg.data.std}")
+    try:
+        canonical_intensity(cfg.data.intensity)
+    except ValueError as e:
+        bad.append(f"data.intensity={cfg.data.intensity!r} ({e})")
     if bad:
         raise ValueError(f"invalid pretraining settings: {', '.join(bad)}")
 
@@ -382,7 +384,7 @@ def make_train_loader(cfg: PretrainConfig, urls: Sequence[str], views, *, start_
         list(urls), batch_size=cfg.optim.batch_size, steps_per_epoch=cfg.optim.steps_per_epoch * cfg.optim.grad_accum,
         views=views, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
         seed=_seed_for(cfg.seed, start_step), with_labels=with_labels, rank=rank, world_size=world_size,
-        max_side=cfg.data.max_side, pin_memory=torch.cuda.is_available(),
+        max_side=cfg.data.max_side, intensity=cfg.data.intensity, pin_memory=torch.cuda.is_available(),
         **({"worker_init_fn": _ignore_preemption_signals} if cfg.data.num_workers > 0 else {}),
     )
 
@@ -424,7 +426,8 @@ def build_probe(cfg: PretrainConfig, out: Path, accelerator):
         return None
     holdout = load_holdout(root, crop_size=k.crop_size, img_size=k.img_size or cfg.data.views.global_size,
                            crops_per_image=k.crops_per_image, max_images_per_class=k.max_images_per_class,
-                           in_chans=cfg.encoder.in_chans, mean=cfg.data.mean, std=cfg.data.std)
+                           in_chans=cfg.encoder.in_chans, mean=cfg.data.mean, std=cfg.data.std,
+                           intensity=cfg.data.intensity)
     log.info(holdout.summary())
     return KnnProbe(holdout, k=k.k, temperature=k.temperature, batch_size=k.batch_size)
 
@@ -467,7 +470,7 @@ def export_backbone(method, spec: Mapping[str, Any], out_dir: Path, *, cfg: Pret
         fresh = timm.create_model(spec["timm_name"], num_classes=0, **spec["timm_kwargs"])
         fresh.load_state_dict(state)
         export_encoder(fresh, out_dir, timm_name=spec["timm_name"], timm_kwargs=spec["timm_kwargs"],
-                       in_chans=cfg.encoder.in_chans, mean=cfg.data.mean, std=cfg.data.std, intensity=INTENSITY,
+                       in_chans=cfg.encoder.in_chans, mean=cfg.data.mean, std=cfg.data.std, intensity=canonical_intensity(cfg.data.intensity),
                        method=cfg.method.name.value, data=data, steps=steps, knn=knn)
     accelerator.wait_for_everyone()
 

@@ -63,8 +63,9 @@ class DataConfig:
     in_chans: int = 1
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.25])
-    # raw pixels -> [0, 1] before mean/std (pretrain.io.scale_intensity): "percentile" = per-image
-    # 0.5/99.5 percentile stretch, as pretraining does; "dtype" = divide by the dtype's maximum
+    # raw pixels -> [0, 1] before mean/std (pretrain.io.scale_intensity), recorded in model.json:
+    # "percentile" = per-image 0.5/99.5 percentile window; "zscore" = mean +- 3 std; "robust" =
+    # median +- 3 x 1.4826 MAD; "dtype" = divide by the dtype's maximum. Match the encoder's pretraining.
     intensity: str = "percentile"
     # resize factor between the micrographs and the model's pixels (segment.zoom): 0.5 = half the
     # pixels per side, so each crop/tile covers twice the field of view; predictions come back on
