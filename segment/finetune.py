@@ -122,17 +122,16 @@ def load_data(cfg: FinetuneConfig) -> Data:
     train = select_by_name(train, list(d.train_names)) if d.train_names else few_shot(train, d.n_train, cfg.train.seed)
     val = find_pairs(root, d.val_split, layout=d.layout)
     tests: dict[str, list] = {}
-    for split in d.test_splits:
+    specs = {split: (root, split) for split in d.test_splits}
+    specs.update({name: parse_set_spec(spec) for name, spec in d.extra_tests.items()})
+    for name, (troot, tsplit) in specs.items():
+        unpaired: list[Path] = []  # images without a mask: evaluated as failures (eval/failures.csv)
         try:
-            tests[split] = find_pairs(root, split, layout=d.layout)
-        except FileNotFoundError as e:
-            log.warning("test split %r skipped: %s", split, e)
-    for name, spec in d.extra_tests.items():
-        troot, tsplit = parse_set_spec(spec)
-        try:
-            tests[name] = find_pairs(troot, tsplit, layout=d.layout)
-        except FileNotFoundError as e:
-            log.warning("extra test set %r skipped: %s", name, e)
+            pairs = find_pairs(troot, tsplit, layout=d.layout, unpaired=unpaired)
+        except FileNotFoundError as e:  # a split folder that is not there
+            log.warning("test set %r skipped: %s", name, e)
+            continue
+        tests[name] = sorted([*pairs, *((image, None) for image in unpaired)], key=lambda p: str(p[0]))
     log.info("data: %d train (%s), %d val, tests %s", len(train), ", ".join(p[0].name for p in train[:4]),
              len(val), {k: len(v) for k, v in tests.items()})
     return Data(class_map, train, val, tests)

@@ -139,6 +139,22 @@ def test_finetune_evaluate_best_records_a_bad_test_image(tmp_path, monkeypatch):
     assert [(r["problem"], Path(r["file"]).name) for r in rows] == [("unreadable_image", "bad.png")]
 
 
+def test_finetune_keeps_a_test_set_whose_image_lacks_a_mask(tmp_path):
+    """One image without a mask must not drop the whole test set: it is scored as a failure."""
+    from segment import finetune
+
+    d = tmp_path / "d"
+    for split in ("train", "val", "test"):
+        write_pair(d, "a", labels(), split)
+    write_pair(d, "b", labels(), "test")
+    (d / "test_annot" / "b.png").unlink()
+    data = SimpleNamespace(class_map=CLASS_MAP, root=str(d), layout="auto", train_split="train", val_split="val",
+                           train_names=[], n_train=None, test_splits=["test", "nothing"], extra_tests={})
+    loaded = finetune.load_data(SimpleNamespace(data=data, train=SimpleNamespace(seed=0)))
+    assert list(loaded.test_sets) == ["test"]  # the missing split is skipped, the test set kept
+    assert [(i.name, m is None) for i, m in loaded.test_sets["test"]] == [("a.png", False), ("b.png", True)]
+
+
 # --- item 9: stray colours in colour-overlay masks ------------------------------------------------
 
 
