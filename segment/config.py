@@ -110,6 +110,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30
+    # optimizer steps in all (null: epochs x steps per epoch). The budget that means the same for one
+    # image and for 10 000; an epoch (data.samples_per_epoch crops) is then a unit of validation and logging.
+    steps: Optional[int] = None
     batch_size: int = 8
     loss: Loss = Loss.dice_ce
     precision: Precision = Precision.no  # bf16/fp16 apply on GPU only
@@ -118,9 +121,15 @@ class TrainConfig:
     monitor: Monitor = Monitor.miou
     eval_every: int = 1
     freeze_encoders_epochs: int = 0  # train only the decoder for the first N epochs
-    max_minutes: Optional[float] = None  # wall-clock budget; stops cleanly at an epoch end
+    max_minutes: Optional[float] = None  # wall-clock budget of training: stops after the step that reaches it, validates
     tile_overlap: float = 0.5
     tta: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1 (or null for epochs x steps per epoch), got {self.steps}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"train.max_minutes must be > 0 (or null), got {self.max_minutes}")
 
 
 @dataclass

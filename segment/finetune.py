@@ -215,9 +215,16 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
     ]
 
 
+def total_steps(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
+    """The optimizer steps of the run: `train.steps` when set (the budget that does not depend on the
+    number of training images), else `train.epochs` x steps per epoch."""
+    return max(1, cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch)
+
+
 def lr_lambdas(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int):
-    """Per-group LR factor of the global step: warm-up + cosine (or constant); encoders frozen first."""
-    total = max(1, cfg.train.epochs * steps_per_epoch)
+    """Per-group LR factor of the global step: warm-up + cosine (or constant) over `total_steps`;
+    encoders frozen first."""
+    total = total_steps(cfg, steps_per_epoch)
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     freeze = cfg.train.freeze_encoders_epochs * steps_per_epoch
 
@@ -366,15 +373,20 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     preempt = Preemption(accelerator, out, poll_every=1)  # SIGTERM/SIGUSR1 or RUN/PREEMPT, agreed by all ranks
     preempt.clear_stale_flag()
     t_start = time.time() - state["elapsed"]
-    stop_reason = "epochs"
     unwrapped = accelerator.unwrap_model(model)
+    budget = total_steps(cfg, steps_per_epoch)
+    n_epochs = math.ceil(budget / steps_per_epoch)  # an epoch is a unit of logging and validation
+    stop_reason = "steps" if cfg.train.steps is not None else "epochs"
 
-    while state["epoch"] < cfg.train.epochs:
+    def out_of_time() -> bool:
+        return bool(cfg.train.max_minutes) and (time.time() - t_start) / 60 >= cfg.train.max_minutes
+
+    while state["epoch"] < n_epochs:
         epoch = state["epoch"]
         model.train()
         epoch_loader = accelerator.skip_first_batches(loader, state["step_in_epoch"]) if state["step_in_epoch"] else loader
         losses = []
-        bar = tqdm(epoch_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not main_proc,
+        bar = tqdm(epoch_loader, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not main_proc,
                    initial=state["step_in_epoch"], total=steps_per_epoch, leave=False)
         for batch in bar:
             logits = model(batch["image"])
@@ -401,13 +413,17 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
                 preempt.close()
                 log.warning("checkpointed at step %d after a signal; exiting", state["global_step"])
                 return {"stopped": "signal", "global_step": state["global_step"]}
+            if state["global_step"] >= budget or out_of_time():
+                break
         bar.close()
+        timed_out = out_of_time() and state["global_step"] < budget
+        last = epoch + 1 == n_epochs or state["global_step"] >= budget or timed_out
 
         # ---- end of epoch: validate, checkpoint, early stopping
         row: dict[str, Any] = dict(epoch=epoch + 1, step=state["global_step"], train_loss=float(np.mean(losses)) if losses else None,
                                    lr=optimizer.param_groups[0]["lr"], minutes=(time.time() - t_start) / 60)
         improved = False
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        if (epoch + 1) % cfg.train.eval_every == 0 or last:
             metrics = [None]
             if main_proc:
                 unwrapped.eval()
@@ -439,8 +455,10 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
         if state["bad_epochs"] >= cfg.train.patience:
             stop_reason = f"early stop: no {cfg.train.monitor.value} gain in {cfg.train.patience} epochs"
             break
-        if cfg.train.max_minutes and (time.time() - t_start) / 60 >= cfg.train.max_minutes:
+        if timed_out:
             stop_reason = f"time budget of {cfg.train.max_minutes} min"
+            break
+        if last:
             break
 
     minutes = (time.time() - t_start) / 60

@@ -185,3 +185,25 @@ def test_bad_zoom_is_an_error(tmp_path):
         make_cfg(tmp_path, "data.zoom=0")
     with pytest.raises(ValueError, match="data.pixel_size_nm must be a positive number"):
         make_cfg(tmp_path, "data.pixel_size_nm=-2")
+
+
+def test_step_budget_is_exact_and_the_schedule_ends_with_it(tmp_path):
+    run = tmp_path / "run"
+    result = ft.train(make_cfg(run, "train.steps=5", "evaluate=false"))  # 3 steps per epoch: 2 epochs, the last partial
+    assert result["global_step"] == 5 and result["stopped"] == "steps"
+    rows = ft.read_history(run / "history.csv")
+    assert [r["step"] for r in rows] == [3, 5] and "val_miou" in rows[-1]  # the partial epoch is validated
+    assert rows[-1]["lr"] < 0.05 * 5e-4  # the cosine reached its end with the budget, not with train.epochs
+
+
+def test_time_budget_stops_mid_epoch_and_validates(tmp_path):
+    run = tmp_path / "run"
+    result = ft.train(make_cfg(run, "train.max_minutes=0.0001", "evaluate=false"))
+    assert result["global_step"] == 1 and result["stopped"].startswith("time budget")
+    assert (run / "best" / "model.json").is_file()
+
+
+@pytest.mark.parametrize("override", ["train.steps=0", "train.max_minutes=0"])
+def test_bad_budgets_are_refused(tmp_path, override):
+    with pytest.raises(Exception, match=override.split("=")[0]):
+        make_cfg(tmp_path / "run", override)
