@@ -230,7 +230,8 @@ def test_pretrain_sbatch_node_commands(tmp_path, stubs, nodes, gpus, nodelist, h
         assert calls[0]["argv"] == [
             "launch", "--machine_rank", str(node),
             "--config_file", str(cfg), "--num_machines", str(nodes), "--num_processes", str(nodes * gpus),
-            "--main_process_ip", hosts[0], "--main_process_port", str(PORT), "--rdzv_backend", "c10d",
+            "--main_process_ip", hosts[0], "--main_process_port", str(PORT),
+            "--rdzv_backend", "c10d" if nodes > 1 else "static",
             "pretrain/main.py", f"out={run}", *OVERRIDES,
         ]
         assert calls[0]["cwd"] == str(REPO)
@@ -284,6 +285,50 @@ def test_pretrain_sbatch_default_config_choice(tmp_path, stubs):
     assert argv[argv.index("--num_processes") + 1] == "16"
     r = run_sbatch(PRETRAIN, [], slurm_env(tmp_path, stubs, 1, 1, "n1", ACCEL_CONFIG="nope"))
     assert r.returncode == 2 and "accelerate config 'nope' not found" in r.stderr and "multi_node" in r.stderr
+
+
+def rendezvous(argv: list[str], monkeypatch) -> tuple[str, str, int]:
+    """(backend, host, port) where the processes started by `accelerate <argv>` meet, as accelerate's and
+    torchrun's own argument handling resolve it (the real `accelerate launch`, stopped before it starts a
+    process). A c10d rendezvous without an endpoint goes to torchrun's default, localhost:29400."""
+    import torch.distributed.run as distrib_run
+    from accelerate.commands import launch as accel_launch
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import DEFAULT_PORT
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+    seen = []
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # or torchrun's config_from_args sets it in this process
+    monkeypatch.setattr(distrib_run, "run", lambda args: seen.append(distrib_run.config_from_args(args)[0]))
+    monkeypatch.setattr(accel_launch, "simple_launcher", lambda args: pytest.fail("one process: no rendezvous"))
+    assert argv[0] == "launch"
+    accel_launch.launch_command(accel_launch.launch_command_parser().parse_args(argv[1:]))
+    (cfg,) = seen
+    host, port = parse_rendezvous_endpoint(cfg.rdzv_endpoint, DEFAULT_PORT)
+    return cfg.rdzv_backend, host, port
+
+
+def test_pretrain_sbatch_rendezvous_port_per_job(tmp_path, stubs, monkeypatch):
+    """Two jobs on one node meet on two ports (20000 + job id % 10000), a requeued job on its old one, and
+    MASTER_PORT overrides it; checked on the endpoint torchrun really uses, for DDP and DeepSpeed, one
+    node and several (issue 16 item 3: one-node jobs all met on localhost:29400 and collided)."""
+    def endpoints(job: int, nodes: int = 1, **extra) -> set[tuple[str, str, int]]:
+        env = slurm_env(tmp_path, stubs, nodes, 4, "n[1-2]", SLURM_JOB_ID=job, STUB_HOSTS="n1 n2", **extra)
+        r = run_sbatch(PRETRAIN, [f"out={tmp_path}/runs/{job}"], env)
+        assert r.returncode == 0, r.stderr
+        return {rendezvous(read_jsonl(stubs[1] / f"accelerate.{i}.jsonl")[-1]["argv"], monkeypatch)
+                for i in range(nodes)}
+
+    job_a, = endpoints(4242)
+    job_b, = endpoints(4243)
+    assert job_a != job_b, f"two jobs on one node meet at the same place: {job_a}"
+    (backend, host, port_a), (_, _, port_b) = job_a, job_b
+    assert (backend, host, port_a, port_b) == ("static", "127.0.0.1", 24242, 24243)
+    assert endpoints(4242, SLURM_RESTART_COUNT=1) == {(backend, host, port_a)}, "a requeue keeps its port"
+    assert endpoints(4242, MASTER_PORT=31234) == {(backend, host, 31234)}
+    assert endpoints(4243, ACCEL_CONFIG="deepspeed_zero2") == {(backend, host, port_b)}
+    # several nodes: every node meets on the head node at the job's port
+    assert endpoints(4242, nodes=2) == {("c10d", "n1", port_a)}
+    assert endpoints(4243, nodes=2, ACCEL_CONFIG="deepspeed_zero2") == {("c10d", "n1", port_b)}
 
 
 def test_pretrain_sbatch_outside_slurm_fails(tmp_path, stubs):
