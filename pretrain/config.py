@@ -49,7 +49,7 @@ class MethodName(str, Enum):
 
 
 class Precision(str, Enum):
-    auto = "auto"  # bf16 on a GPU that supports it, else fp32
+    auto = "auto"  # bf16 on a GPU with native bf16, fp16 (loss-scaled) on one that emulates it (V100, T4), else fp32
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"

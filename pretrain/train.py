@@ -89,10 +89,27 @@ def validate_config(cfg: PretrainConfig) -> None:
 
 
 def resolve_precision(precision: Precision) -> str:
-    """accelerate's ``mixed_precision``: ``auto`` is bf16 on a GPU that supports it, else fp32 ("no")."""
+    """accelerate's ``mixed_precision``; ``auto``: see :func:`auto_precision`."""
     if precision is Precision.auto:
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        return auto_precision()[0]
     return precision.value
+
+
+def auto_precision() -> tuple[str, str]:
+    """What ``precision=auto`` picks, and why: bf16 on a GPU with native bf16 (compute capability 8+:
+    A100, H100, RTX 30xx), fp16 on a GPU that only emulates bf16 (V100, T4: ``is_bf16_supported()``
+    says True there, emulated bf16 is slow), fp32 ("no") without a GPU. Under fp16 accelerate scales
+    the loss with a ``GradScaler`` (DeepSpeed with its own dynamic loss scaler)."""
+    if not torch.cuda.is_available():
+        return "no", "fp32 (no GPU)"
+    name = torch.cuda.get_device_name()
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no including_emulation and counts emulation as support
+        native = torch.cuda.get_device_capability()[0] >= 8
+    if native:
+        return "bf16", f"bf16 ({name} has native bf16)"
+    return "fp16", f"fp16 with loss scaling ({name} only emulates bf16); precision=bf16 or precision=no overrides this"
 
 
 def peak_lr(cfg: PretrainConfig, world_size: int) -> float:
@@ -130,8 +147,8 @@ def deepspeed_config(cfg: PretrainConfig, *, mixed_precision: str = "no",
     else the file an ``accelerate launch`` DeepSpeed config named (``ACCELERATE_DEEPSPEED_CONFIG_FILE``).
     The loop's own settings are written in as integers (``train_micro_batch_size_per_gpu``,
     ``gradient_accumulation_steps``) and floats (``gradient_clipping``: DeepSpeed clips, since nothing
-    can run between its backward and step); ``train_batch_size`` is left to accelerate. Under bf16,
-    buffers are cast too (``data_types.buffer_dtype``), or BatchNorm meets bf16 weights with fp32
+    can run between its backward and step); ``train_batch_size`` is left to accelerate. Under bf16 or
+    fp16, buffers are cast too (``data_types.buffer_dtype``), or BatchNorm meets bf16/fp16 weights with fp32
     running statistics. An optimizer or scheduler block is refused: AdamW is built from the method's
     param groups and the schedules are applied per step.
     """
@@ -173,8 +190,8 @@ def deepspeed_config(cfg: PretrainConfig, *, mixed_precision: str = "no",
     ds["gradient_accumulation_steps"] = int(cfg.optim.grad_accum)
     ds["gradient_clipping"] = float(cfg.optim.clip_grad)
     ds.pop("train_batch_size", None)
-    if mixed_precision == "bf16":
-        ds.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
+    if mixed_precision in ("bf16", "fp16"):
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", mixed_precision)
     ds["_source"] = str(path)
     return ds
 
@@ -208,6 +225,13 @@ def build_accelerator(cfg: PretrainConfig):
             f"DeepSpeed across {torch.distributed.get_world_size()} processes needs GPUs (accelerate reports "
             f"{accelerator.num_processes} process without them); on CPUs use DDP (distributed.deepspeed=null, "
             "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...) or DeepSpeed in one process")
+    if cfg.precision is Precision.auto and accelerator.is_main_process:
+        why = auto_precision()[1]
+        if mixed_precision == "fp16":
+            scaler = getattr(accelerator, "scaler", None)
+            why += "; loss scaler: " + ("DeepSpeed's" if plugin is not None
+                                        else type(scaler).__name__ if scaler is not None else "none")
+        log.info("precision=auto: %s", why)
     return accelerator
 
 

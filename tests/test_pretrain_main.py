@@ -263,6 +263,55 @@ def test_deepspeed_config_gets_the_loop_settings_as_numbers(tmp_path):
         deepspeed_config(compose_cfg(f"distributed.deepspeed_config={bad}"), environ={})
 
 
+def fake_gpu(monkeypatch, name: str, *, native_bf16: bool) -> None:
+    """torch.cuda as on a GPU: with native bf16 (A100, H100) or only emulating it (V100, T4), where
+    is_bf16_supported() says True and is_bf16_supported(including_emulation=False) says False."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0) if native_bf16 else (7, 0))
+
+
+def test_auto_precision_is_fp16_with_a_scaler_where_bf16_is_only_emulated(monkeypatch, caplog):
+    """precision=auto: bf16 on a GPU with native bf16, fp16 on one that only emulates it (accelerate adds
+    the gradient scaler; DeepSpeed casts BatchNorm buffers to fp16 too), fp32 without a GPU; the choice
+    is logged (issue 16 item 4)."""
+    import accelerate
+
+    from pretrain.config import Precision
+    from pretrain.train import build_accelerator, resolve_precision
+
+    fake_gpu(monkeypatch, "Tesla V100-SXM2-32GB", native_bf16=False)
+    assert resolve_precision(Precision.auto) == "fp16"
+    assert resolve_precision(Precision.bf16) == "bf16" and resolve_precision(Precision.no) == "no"
+    ds = deepspeed_config(compose_cfg("distributed.deepspeed=zero2"), mixed_precision="fp16", environ={})
+    assert ds["data_types"]["buffer_dtype"] == "fp16"  # BatchNorm under DeepSpeed fp16
+
+    made = []
+
+    class Recorder:  # stands in for accelerate.Accelerator, which would need the GPU
+        is_main_process, num_processes, scaler = True, 1, torch.amp.GradScaler("cpu")
+
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(accelerate, "Accelerator", Recorder)
+    with caplog.at_level("INFO", logger="pretrain.train"):
+        build_accelerator(compose_cfg())
+    assert made[-1]["mixed_precision"] == "fp16" and made[-1]["cpu"] is False
+    assert "precision=auto: fp16" in caplog.text and "V100" in caplog.text and "GradScaler" in caplog.text
+
+    fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", native_bf16=True)
+    assert resolve_precision(Precision.auto) == "bf16"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pretrain.train"):
+        build_accelerator(compose_cfg())
+    assert made[-1]["mixed_precision"] == "bf16" and "precision=auto: bf16" in caplog.text and "A100" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision(Precision.auto) == "no"
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_json_files(stage):
     ds = json.loads((CONFIG_DIR / "deepspeed" / f"zero{stage}.json").read_text())
