@@ -109,3 +109,51 @@ def test_deepspeed_zero2_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     (last, _), = list_checkpoints(out)
     assert last == stop
     assert json.loads((out / "export" / "encoder.json").read_text())["steps"] == stop
+
+
+def test_usr1_to_one_non_zero_rank_stops_every_rank_at_one_checkpoint_and_the_rerun_resumes(tmp_path):
+    """SIGUSR1 to rank 1 alone (the launcher and rank 0 get nothing): the ranks agree on it at the next
+    poll, write one checkpoint together, exit 0, and a rerun resumes from it (issue 16 item 7)."""
+    import psutil
+
+    out = tmp_path / "run"
+    args = ["--multi_gpu", "--num_processes", "2", "pretrain/main.py", f"out={out}", *TINY, "optim.epochs=100",
+            "checkpoint.every=0", "checkpoint.poll_every=1"]
+    cpu = {"ACCELERATE_USE_CPU": "true"}
+    proc = launch(args, env_extra=cpu, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        rank1 = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            if rank1 is None:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    try:
+                        if child.environ().get("RANK") == "1":
+                            rank1 = child
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+            metrics = out / "metrics.csv"
+            if rank1 is not None and metrics.is_file() and len(metrics.read_text().splitlines()) > 1:
+                break  # both ranks are in the loop (step 1 is an all-reduce), handlers installed
+            time.sleep(0.2)
+        assert proc.poll() is None and rank1 is not None, "the run ended, or rank 1 was not found"
+        rank1.send_signal(signal.SIGUSR1)
+    except BaseException:
+        kill_tree(proc)
+        raise
+    log = finish(proc)
+    (stop, path), = list_checkpoints(out)
+    assert log.count("received SIGUSR1") == 1, log[-3000:]  # rank 1 only
+    assert log.count(f"pre-empted: checkpointed at step {stop};") == 2, log[-3000:]  # rank 0 and rank 1
+    assert 1 <= stop < 300
+    assert {p.name for p in path.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert json.loads((path / STATE_FILE).read_text())["world_size"] == 2
+    ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["start_step"], r["step"]) for r in ranks] == [(0, stop), (0, stop)]
+    assert not (out / "export").exists(), "a pre-empted run does not export"
+
+    log = finish(launch([*args, f"stop_at_step={stop + 1}"], env_extra=cpu, start_new_session=True))
+    assert f"resumed from {path}" in log, log[-3000:]
+    ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["start_step"], r["step"]) for r in ranks] == [(stop, stop + 1), (stop, stop + 1)]
+    assert ranks[0]["student_checksum"] == ranks[1]["student_checksum"]
