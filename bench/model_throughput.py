@@ -5,6 +5,16 @@ throughput at 512x512, measured back to back in one process; prints a table and 
 
 Peer: `smp.Unet(encoder_name="tu-<cnn>")`, smp's own encoder wrapper, so the comparison is against the
 library as users get it, not our wrapper of it.
+
+`--models A B ...` instead times registry models against the first one (e.g. `unet_lite`), taking
+turns for `--rounds` rounds so that a changing machine load falls on all of them alike; it prints
+median seconds per training step and per inference call, and each model's ratio to the first:
+
+    python bench/model_throughput.py --models unet_lite cs_unet_hybrid_lite cs_unet_lite \
+        --size 256 --batch 4 --repeats 2 --rounds 3 [--clock cpu --threads 1]
+
+On a machine busy with other jobs, `--clock cpu --threads 1` times this process's own CPU seconds,
+which the other jobs barely disturb (wall-clock ratios there swing by several x between rounds).
 """
 from __future__ import annotations
 
@@ -35,8 +45,8 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Images/s for one AdamW training step and for inference (no grad)."""
+def step_functions(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """(train_step, infer): one AdamW training step (forward, CE, backward, step) and one no-grad forward."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step():
@@ -55,8 +65,53 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: i
         if x.is_cuda:
             torch.cuda.synchronize()
 
+    return train_step, infer
+
+
+def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Images/s for one AdamW training step and for inference (no grad)."""
+    train_step, infer = step_functions(model, x, y)
     n = x.shape[0]
     return n / timed(train_step, repeats), n / timed(infer, repeats)
+
+
+def compare_models(
+    names: list[str], x: torch.Tensor, y: torch.Tensor, repeats: int, rounds: int, clock=time.perf_counter
+) -> None:
+    """Median train-step and inference seconds of registry models, in turns; ratios to `names[0]`.
+
+    `clock`: `time.perf_counter` (wall) or `time.process_time` (this process's CPU time, which other
+    processes on a busy machine barely disturb; use it with one thread, where no thread spins).
+    """
+    dev, size = x.device, x.shape[-1]
+    models = {n: create_model(n, num_classes=3, in_chans=x.shape[1], img_size=size).to(dev) for n in names}
+    fns = {n: step_functions(m, x, y) for n, m in models.items()}
+    for train_step, infer in fns.values():  # warm-up (allocator, first-call overheads)
+        train_step()
+        infer()
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    for _ in range(rounds):
+        for n, (train_step, infer) in fns.items():
+            for fn, out in zip((train_step, infer), times[n]):
+                for _ in range(repeats):
+                    t0 = clock()
+                    fn()
+                    out.append(clock() - t0)
+    base_train, base_infer = (statistics.median(t) for t in times[names[0]])
+    print(f"| model | params (M) | train step (s) | infer (s) | train step / {names[0]} | infer / {names[0]} |")
+    print("|---|---|---|---|---|---|")
+    for n in names:
+        tr, inf = (statistics.median(t) for t in times[n])
+        params = sum(p.numel() for p in models[n].parameters()) / 1e6
+        print(f"| {n} | {params:.2f} | {tr:.3f} | {inf:.3f} | {tr / base_train:.2f} | {inf / base_infer:.2f} |")
+    print(f"\n{rounds} rounds x {repeats} calls per model, medians; per-round train-step ratios to {names[0]}:")
+    for n in names[1:]:
+        per_round = [
+            statistics.median(times[n][0][r * repeats:(r + 1) * repeats])
+            / statistics.median(times[names[0]][0][r * repeats:(r + 1) * repeats])
+            for r in range(rounds)
+        ]
+        print(f"  {n}: " + ", ".join(f"{v:.2f}" for v in per_round))
 
 
 def main() -> None:
@@ -66,12 +121,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="+", help="registry models timed against the first (replaces --pairs)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --models: turns taken by the models")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="with --models: wall time, or the process's CPU time (robust to other load; use --threads 1)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
     x = torch.randn(args.batch, 1, args.size, args.size, device=dev)
     y = torch.randint(0, 3, (args.batch, args.size, args.size), device=dev)
+    if args.models:
+        print(f"device: {card}; input {args.batch}x1x{args.size}x{args.size}; {args.clock} clock")
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        compare_models(args.models, x, y, args.repeats, args.rounds, clock)
+        return
     print(f"device: {card}; input {args.batch}x1x{args.size}x{args.size}; median of {args.repeats}")
     print("| pair | model | params (M) | train img/s | infer img/s |")
     print("|---|---|---|---|---|")

@@ -399,6 +399,26 @@ def cs_unet_test(**kwargs: Any) -> CSUNet:
     return _create_cs_unet("cs_unet_test", **{**_SWIN_TEST, "cnn_name": "test_resnet", **kwargs})
 
 
+# The paper-faithful presets under explicit names (issue 14), beside `cs_unet_hybrid*`
+# (cs_unet_hybrid.py). The plain names above stay, and mean the same models.
+@register_model
+def cs_unet_paper(**kwargs: Any) -> CSUNet:
+    """Alias of `cs_unet`: the paper's "original" CS-UNet (Swin-UNet decoder, 4x patch-expand output)."""
+    return _create_cs_unet("cs_unet_paper", **{**_SWIN_ORIGINAL, "cnn_name": "resnet50", **kwargs})
+
+
+@register_model
+def cs_unet_paper_intermediate(**kwargs: Any) -> CSUNet:
+    """Alias of `cs_unet_intermediate`."""
+    return _create_cs_unet("cs_unet_paper_intermediate", **{**_SWIN_INTERMEDIATE, "cnn_name": "resnet50", **kwargs})
+
+
+@register_model
+def cs_unet_paper_lite(**kwargs: Any) -> CSUNet:
+    """Alias of `cs_unet_lite`."""
+    return _create_cs_unet("cs_unet_paper_lite", **{**_SWIN_LITE, "cnn_name": "resnet18", **kwargs})
+
+
 @register_model
 def swin_unet(**kwargs: Any) -> CSUNet:
     """Swin-UNet (CS-UNet's decoder, no CNN branch) with the cs_unet Swin encoder."""

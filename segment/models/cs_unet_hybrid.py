@@ -1,0 +1,341 @@
+"""CS-UNet hybrid: CS-UNet's two parallel encoders in front of a full-resolution U-Net decoder.
+
+Paper: K. Alrfou, T. Zhao, A. Kordijazi, "CS-UNet: A Generalizable and Flexible Segmentation
+Algorithm" (arXiv 2308.13917), for the two encoders; O. Ronneberger et al., "U-Net" (arXiv
+1505.04597) and segmentation-models-pytorch's `UnetDecoder` for the decoder. The paper-faithful
+model (Swin-UNet decoder ending at 1/4 resolution, 4x patch expand) stays in `cs_unet.py`
+(`cs_unet_paper*`, alias `cs_unet*`); issue 14 explains why this variant exists: the paper's
+output is block-constant at 4 px (tertiary gamma' capped at ~66 % IoU), the CNN's stride-2 stem
+feature is never used, and its finest fusion squeezes Swin and CNN into 48 channels (lite).
+
+Shapes for a 256 x 256 input, `cs_unet_hybrid_lite` (ResNet-18, Swin embed 48), NCHW:
+
+    CNN (timm resnet18, whole)   s2 64x128², s4 64x64², s8 128x32², s16 256x16², s32 512x8²
+    Swin (timm, whole)           s4 48x64², s8 96x32², s16 192x16², s32 384x8² (last: swin.norm)
+    fusion, s in 4..32           f_s = cnn_s + Linear_s(LayerNorm_s(swin_s))   (Linear zero-init)
+    decoder (smp UnetDecoder, exactly unet_lite's: channels 256-128-64-32-16, BatchNorm, nearest)
+      block 0: up(f32) ++ f16 -> 256x16²      block 1: ++ f8 -> 128x32²     block 2: ++ f4 -> 64x64²
+      block 3: up ++ cnn s2 (stem) -> 32x128²
+      block 4: up(32x256²) + InputSkip(x) -> 16x256²    (InputSkip: conv3x3-BN-ReLU, 1x1 zero-init)
+    head (smp SegmentationHead, 3x3 conv)                                        -> K x 256²
+
+Starts as a U-Net. Every path from the Swin branch and from the input skip ends in a zero-
+initialised projection, so at step 0 the model computes exactly what `unet_lite` (`TimmUnet`)
+computes with the same CNN, decoder and head weights; the attribute names are the same
+(`cnn`, `decoder`, `segmentation_head`), so a `TimmUnet` state dict loads into those parts as it
+is. The projections get a gradient at step 0 (their input is non-zero), and the Swin encoder from
+the first optimizer step on. Zero-initialising the *output* side matters: zeroing both the
+projection and whatever consumes it would leave both without gradient forever.
+
+Fusion is additive and keeps the CNN's width at every scale. Concatenation would widen the
+decoder's inputs and so change the shapes of smp's decoder convolutions (no more drop-in U-Net
+weights); it buys nothing here because the CNN is at least as wide as the Swin at the finest
+fusion (stride 4) in every preset: ResNet-18 64 vs Swin-lite 48, ResNet-50 256 vs Swin-T 96
+(the paper squeezed 48+48+64 -> 48 and 96+96+256 -> 96 there). Where a CNN is narrower than the
+Swin at some scale (only `test_resnet` at stride 32 among the presets), the projection narrows
+the Swin there; that is logged.
+
+Any input size: as `TimmUnet`, the input is padded (bottom/right) to `model.pad_multiple` = 32 for
+the CNN and the decoder, so the U-Net part sees exactly what `unet_lite` sees. The Swin branch
+alone is padded further, to `model.swin_pad_multiple` (every shifted-window stage an exact
+multiple of its window, as in `cs_unet.py`; 128 for lite), and its features are cropped back to
+the CNN's grid. Training tiles (multiples of 128) need neither.
+
+Cost (CPU, one thread, 4 x 256², `bench/model_throughput.py --models ... --clock cpu`): a training
+step takes 1.42x `unet_lite`'s CPU time (`cs_unet_lite`: 1.18x); of the extra, the Swin-lite
+branch's forward and backward is ~0.66 s (~0.3x of a U-Net step, its stride-4 stage alone ~0.28 s),
+the input skip ~0.08 s and the fusions ~0.04 s.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from segmentation_models_pytorch.base import SegmentationHead
+from segmentation_models_pytorch.base import modules as smp_modules
+from segmentation_models_pytorch.base.initialization import initialize_decoder, initialize_head
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+from timm.models.swin_transformer import SwinTransformer
+
+from ._cnn import TimmCNNEncoder
+from ._layers import PAD_MODES, check_input, lcm, pad_to_multiple, to_config
+from ._registry import register_model
+from .cs_unet import _SWIN_INTERMEDIATE, _SWIN_LITE, _SWIN_ORIGINAL, _SWIN_TEST, _validate
+
+__all__ = ["CSUNetHybrid", "SwinProjection", "InputSkip"]
+
+_logger = logging.getLogger(__name__)
+
+_CNN_STRIDES = (2, 4, 8, 16, 32)  # smp's feature list after the input: stem, then the four stages
+
+
+class SwinProjection(nn.Module):
+    """Swin tokens (NHWC) -> LayerNorm -> Linear -> NCHW, the Linear zero-initialised.
+
+    The LayerNorm puts the Swin stage outputs (an un-normalised residual stream) on one scale
+    before they are added to a CNN feature; the zero Linear makes the addition a no-op at step 0.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, out_dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x)).permute(0, 3, 1, 2)
+
+
+class InputSkip(nn.Sequential):
+    """The last decoder stage's skip from the input: conv3x3-norm-ReLU, then a zero-initialised 1x1.
+
+    Full-resolution edges for the stride-2 -> 1 stage, which smp's U-Net runs without a skip.
+    """
+
+    def __init__(self, in_chans: int, hidden: int, out_chans: int, use_norm: bool | str | dict[str, Any]):
+        conv = smp_modules.Conv2dReLU(in_chans, hidden, kernel_size=3, padding=1, use_norm=use_norm)
+        proj = nn.Conv2d(hidden, out_chans, kernel_size=1)
+        super().__init__(conv, proj)
+        initialize_decoder(conv)
+        nn.init.zeros_(proj.weight)
+        nn.init.zeros_(proj.bias)
+
+
+class CSUNetHybrid(nn.Module):
+    """A timm CNN and a timm Swin fused at strides 4-32 into smp's U-Net decoder, out at stride 1.
+
+    Args:
+        num_classes: output channels.
+        in_chans: input channels (both encoders get them).
+        img_size: training crop size; fixes which Swin stages use shifted windows.
+        patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias, drop_path_rate,
+            proj_drop_rate, attn_drop_rate: the Swin encoder (timm `SwinTransformer` arguments).
+        swin_name: timm Swin entry point (its architecture arguments are all overridden).
+        cnn_name: timm CNN with features at strides 4, 8, 16, 32 (and optionally 2).
+        cnn_kwargs: extra `timm.create_model` arguments for the CNN.
+        decoder_channels: five decoder widths, deepest first (smp's `decoder_channels`).
+        decoder_use_norm, decoder_attention_type, decoder_interpolation: as in smp (and `TimmUnet`).
+        input_skip: give the last decoder stage a skip from the input (zero-initialised).
+        pad_mode: "constant" (zeros), "reflect" or "replicate", for inputs that need padding.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 3,
+        in_chans: int = 1,
+        img_size: int = 256,
+        patch_size: int = 4,
+        embed_dim: int = 48,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (2, 4, 8, 16),
+        window_size: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.1,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        swin_name: str = "swin_tiny_patch4_window7_224",
+        cnn_name: str = "resnet18",
+        cnn_kwargs: dict[str, Any] | None = None,
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        decoder_use_norm: bool | str | dict[str, Any] = "batchnorm",
+        decoder_attention_type: str | None = None,
+        decoder_interpolation: str = "nearest",
+        input_skip: bool = True,
+        pad_mode: str = "constant",
+    ):
+        super().__init__()
+        _validate(
+            num_classes, in_chans, img_size, patch_size, embed_dim, depths, num_heads, window_size, pad_mode, None
+        )
+        if len(decoder_channels) != len(_CNN_STRIDES):
+            raise ValueError(f"decoder_channels needs {len(_CNN_STRIDES)} entries, got {list(decoder_channels)}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.pad_mode = pad_mode
+        self.config: dict[str, Any] = {}  # filled by the registered entry point
+
+        # The U-Net part, built exactly as TimmUnet builds it (same attribute names and init).
+        self.cnn = TimmCNNEncoder(cnn_name, in_chans, strides=_CNN_STRIDES, optional_strides=(2,), **(cnn_kwargs or {}))
+        self.pad_multiple = _CNN_STRIDES[-1]
+        self.decoder = UnetDecoder(
+            encoder_channels=[in_chans, *self.cnn.channels],
+            decoder_channels=decoder_channels,
+            n_blocks=len(_CNN_STRIDES),
+            use_norm=decoder_use_norm,
+            attention_type=decoder_attention_type,
+            interpolation_mode=decoder_interpolation,
+        )
+        self.segmentation_head = SegmentationHead(decoder_channels[-1], num_classes, kernel_size=3)
+        initialize_decoder(self.decoder)
+        initialize_head(self.segmentation_head)
+
+        # The Swin branch and its zero-initialised entries into the CNN features.
+        self._swin_spec = {
+            "timm_name": swin_name,
+            "timm_kwargs": dict(
+                num_classes=0, in_chans=in_chans, img_size=img_size, patch_size=patch_size,
+                embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads),
+                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate,
+                attn_drop_rate=attn_drop_rate, strict_img_size=False,
+            ),
+        }
+        self.swin: SwinTransformer = timm.create_model(swin_name, pretrained=False, **self._swin_spec["timm_kwargs"])
+        swin_dims = [int(info["num_chs"]) for info in self.swin.feature_info]
+        swin_strides = [int(info["reduction"]) for info in self.swin.feature_info]
+        by_stride = dict(zip(self.cnn.strides, self.cnn.channels))
+        missing = [s for s in swin_strides if not by_stride.get(s)]
+        if missing:
+            raise ValueError(
+                f"CNN '{cnn_name}' has no features at the Swin strides {missing} "
+                f"(CNN strides {self.cnn.strides}, Swin strides {swin_strides}); change patch_size or the CNN"
+            )
+        self.fusion_levels = [self.cnn.strides.index(s) for s in swin_strides]  # index into the CNN's features
+        self.fusions = nn.ModuleList(SwinProjection(d, by_stride[s]) for d, s in zip(swin_dims, swin_strides))
+        narrowed = [(s, d, by_stride[s]) for d, s in zip(swin_dims, swin_strides) if by_stride[s] < d]
+        if narrowed:
+            _logger.info("CS-UNet hybrid: the CNN is narrower than the Swin at (stride, swin, cnn) %s; "
+                         "the Swin is projected down there", narrowed)
+        self.swin_pad_multiple = _swin_pad_multiple(self.swin, swin_strides)
+
+        self.input_skip = (
+            InputSkip(in_chans, decoder_channels[-1], decoder_channels[-2], decoder_use_norm) if input_skip else None
+        )
+
+    @property
+    def encoders(self) -> dict[str, nn.Module]:
+        """Branch name -> full timm model (timm key names), where encoder weights are loaded."""
+        return {"swin": self.swin, "cnn": self.cnn.model}
+
+    @property
+    def encoder_specs(self) -> dict[str, dict[str, Any]]:
+        """Branch -> `{"timm_name", "timm_kwargs"}` (plain JSON) rebuilding it with `timm.create_model`."""
+        return to_config({"swin": self._swin_spec, "cnn": self.cnn.spec})
+
+    def forward_swin(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """NHWC Swin stage outputs (the last through `swin.norm`) for an input padded to `pad_multiple`.
+
+        Pads further to `swin_pad_multiple`; the caller crops the features back to the CNN's grid.
+        """
+        x = _pad_traceable(x, self.swin_pad_multiple, self.pad_mode)
+        x = self.swin.patch_embed(x)
+        feats = []
+        for stage in self.swin.layers:  # a stage runs its own gradient checkpointing
+            x = stage(x)
+            feats.append(x)
+        feats[-1] = self.swin.norm(feats[-1])
+        return feats
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """smp's feature list [input, CNN stride 2, fused 4, 8, 16, 32] for a padded input."""
+        feats = [x, *self.cnn(x)]
+        for level, fusion, swin in zip(self.fusion_levels, self.fusions, self.forward_swin(x)):
+            cnn = feats[level + 1]
+            swin = swin[:, : cnn.shape[-2], : cnn.shape[-1]]
+            feats[level + 1] = cnn + fusion(swin)
+        return feats
+
+    def forward_decoder(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """smp's `UnetDecoder.forward`, with the input skip added before the last block."""
+        dec = self.decoder
+        shapes = [f.shape[2:] for f in features][::-1]
+        deepest_first = features[1:][::-1]
+        skips = deepest_first[1:]
+        y = dec.center(deepest_first[0])
+        for i, block in enumerate(dec.blocks):
+            height, width = shapes[i + 1]
+            skip = skips[i] if i < len(skips) else None
+            if skip is None and self.input_skip is not None and i == len(dec.blocks) - 1:
+                # upsample here so that the skip can be added; the block's own interpolation to the
+                # same size is then the identity
+                y = F.interpolate(y, size=(height, width), mode=block.interpolation_mode)
+                y = y + self.input_skip(features[0])
+            y = block(y, height, width, skip_connection=skip)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x in_chans x H x W (any H, W) -> B x num_classes x H x W logits."""
+        check_input(x, self.in_chans, type(self).__name__)
+        H, W = x.shape[-2:]
+        x = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
+        logits = self.segmentation_head(self.forward_decoder(self.forward_features(x)))
+        return logits[..., :H, :W]
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in the Swin encoder and the timm CNN."""
+        self.swin.set_grad_checkpointing(enable)
+        self.cnn.model.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Relative-position tables, excluded from weight decay as in timm's Swin."""
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+
+def _swin_pad_multiple(swin: SwinTransformer, strides: Sequence[int]) -> int:
+    """Least input multiple: the largest stride, and stride x window for every shifted stage."""
+    need = [strides[-1]]
+    for stride, stage in zip(strides, swin.layers):
+        for block in stage.blocks:
+            if any(block.shift_size):
+                need += [stride * w for w in block.window_size]
+    return lcm(need)
+
+
+def _pad_traceable(x: torch.Tensor, multiple: int, mode: str) -> torch.Tensor:
+    """`pad_to_multiple`, with the amounts kept symbolic when traced (ONNX export at any size)."""
+    if not torch.jit.is_tracing():
+        return pad_to_multiple(x, multiple, mode)
+    h, w = x.shape[-2], x.shape[-1]
+    pad_h, pad_w = (multiple - h % multiple) % multiple, (multiple - w % multiple) % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+def _create_cs_unet_hybrid(variant: str, **kwargs: Any) -> CSUNetHybrid:
+    model = CSUNetHybrid(**kwargs)
+    model.config = to_config({"name": variant, **kwargs})
+    _logger.debug(
+        "built %s: %.2f M parameters, pad multiple %d (Swin %d)", variant,
+        sum(p.numel() for p in model.parameters()) / 1e6, model.pad_multiple, model.swin_pad_multiple,
+    )
+    return model
+
+
+# Swin presets as cs_unet's; decoders as unet / unet_lite / unet_test.
+_TEST_DECODER = (32, 16, 16, 8, 8)
+
+
+@register_model
+def cs_unet_hybrid(**kwargs: Any) -> CSUNetHybrid:
+    """CS-UNet hybrid, paper-size encoders (Swin-T 2-2-6-2, window 8, 512; ResNet-50), U-Net decoder."""
+    return _create_cs_unet_hybrid("cs_unet_hybrid", **{**_SWIN_ORIGINAL, "cnn_name": "resnet50", **kwargs})
+
+
+@register_model
+def cs_unet_hybrid_intermediate(**kwargs: Any) -> CSUNetHybrid:
+    """CS-UNet hybrid with the paper's "intermediate" Swin (depths 2-2-2-2) and ResNet-50."""
+    return _create_cs_unet_hybrid(
+        "cs_unet_hybrid_intermediate", **{**_SWIN_INTERMEDIATE, "cnn_name": "resnet50", **kwargs}
+    )
+
+
+@register_model
+def cs_unet_hybrid_lite(**kwargs: Any) -> CSUNetHybrid:
+    """CS-UNet hybrid with cs_unet_lite's encoders (Swin embed 48, 256; ResNet-18) and unet_lite's decoder."""
+    return _create_cs_unet_hybrid("cs_unet_hybrid_lite", **{**_SWIN_LITE, "cnn_name": "resnet18", **kwargs})
+
+
+@register_model
+def cs_unet_hybrid_test(**kwargs: Any) -> CSUNetHybrid:
+    """Tiny CS-UNet hybrid for tests: cs_unet_test's encoders, unet_test's decoder."""
+    return _create_cs_unet_hybrid(
+        "cs_unet_hybrid_test",
+        **{**_SWIN_TEST, "cnn_name": "test_resnet", "decoder_channels": _TEST_DECODER, **kwargs},
+    )
