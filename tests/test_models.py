@@ -20,11 +20,13 @@ def _fresh(name: str, **kwargs) -> torch.nn.Module:
 
 
 def test_registry_lists_every_family() -> None:
-    assert TEST_MODELS == ["cs_unet_test", "swin_unet_test", "unet_test", "unetplusplus_test"]
-    for name in ["cs_unet", "cs_unet_intermediate", "cs_unet_lite", "swin_unet", "swin_unet_lite",
+    assert TEST_MODELS == ["cs_unet_hybrid_test", "cs_unet_test", "swin_unet_test", "unet_test", "unetplusplus_test"]
+    for name in ["cs_unet", "cs_unet_intermediate", "cs_unet_lite", "cs_unet_paper", "cs_unet_paper_intermediate",
+                 "cs_unet_paper_lite", "cs_unet_hybrid", "cs_unet_hybrid_lite", "swin_unet", "swin_unet_lite",
                  "unet", "unet_lite", "unetplusplus", "unetplusplus_lite"]:
         assert name in list_models()
-    assert list_models("cs_unet*", exclude_filters="*_test") == ["cs_unet", "cs_unet_intermediate", "cs_unet_lite"]
+    paper = list_models("cs_unet*", exclude_filters=["*_test", "cs_unet_hybrid*", "cs_unet_paper*"])
+    assert paper == ["cs_unet", "cs_unet_intermediate", "cs_unet_lite"]
 
 
 def test_unknown_name_lists_available_models() -> None:
@@ -77,7 +79,8 @@ def test_non_resnet_cnn(name: str, cnn_name: str) -> None:
 @pytest.mark.parametrize("name", TEST_MODELS)
 def test_encoders_are_full_timm_models(name: str) -> None:
     model = _fresh(name, in_chans=3)
-    expected = {"cs_unet_test": {"swin", "cnn"}, "swin_unet_test": {"swin"}}.get(name, {"cnn"})
+    expected = {"cs_unet_test": {"swin", "cnn"}, "cs_unet_hybrid_test": {"swin", "cnn"},
+                "swin_unet_test": {"swin"}}.get(name, {"cnn"})
     assert set(model.encoders) == set(model.encoder_specs) == expected
     for branch, encoder in model.encoders.items():
         spec = model.encoder_specs[branch]
