@@ -16,9 +16,11 @@ without its suffix; the README written there states every choice and column):
   ``--overlay-max-side`` pixels on a side;
 * ``probabilities/KEY.tif`` (``--probs``): ``K x H x W`` uint8 softmax probabilities x 255;
 * ``particles/KEY.csv``: one row per particle;
-* ``summary.csv``: one row per image and class, plus pooled ``ALL`` rows per class;
+* ``summary.csv``: one row per image and class, plus pooled ``ALL`` rows per class with 95 %
+  bootstrap intervals (:mod:`segment.uncertainty`: over images, or over tiles for one image);
 * ``images.csv``: per image size, data-bar rows, pixel size and its source, zoom, seconds;
 * ``histograms/ecd_CLASS.png``: ECD histograms of the particle classes, all images pooled;
+* ``figures/fractions.png``: per-image phase fractions and the folder's with its 95 % interval;
 * ``failures.csv``: images that failed and why;
 * ``records/KEY.json``: what the folder tables need of one image, written last (see below).
 
@@ -27,13 +29,16 @@ like every output) after all of them, so a record means complete outputs. A reru
 ``--out`` skips the images whose record matches (same input file, model and settings, outputs
 present), reads their numbers back from the records so that the folder tables still cover every
 image, and redoes the rest; ``--overwrite`` redoes all. Temporary files a killed run left are
-removed at the start.
+removed at the start. Records also hold the image's per-tile counts (``tiles``, the units of a
+one-image folder's interval); a record without them (written before issue 17) is still valid, and a
+one-image folder then takes them from the image's mask.
 
 CLI::
 
     python -m segment.predict CHECKPOINT INPUTS... --out DIR [--databar auto | --crop-bottom N]
         [--pixel-size 2.5nm] [--particle-classes secondary,tertiary] [--watershed] [--tta]
         [--overlap 0.5] [--batch-size 8] [--device cuda] [--probs] [--overwrite]
+        [--ci-resamples 2000] [--ci-seed 0] [--ci-method percentile|bca|t]
 """
 from __future__ import annotations
 
@@ -73,6 +78,7 @@ from segment.quantify import (
     size_stats,
 )
 from segment.stream import CroppedSource, RowSource, open_source, predict_stream, thumbnail
+from segment.uncertainty import CI_COLUMNS, Bootstrap, folder_intervals, tile_table
 from segment.zoom import check_zoom, zoom_arg
 
 __all__ = [
@@ -157,6 +163,7 @@ class ImageResult:
     seconds: float
     summaries: list[ClassSummary]
     outputs: dict[str, Path] = field(default_factory=dict)
+    tiles: dict[str, Any] | None = None  # segment.uncertainty.tile_table: the one-image interval's units
 
     def row(self) -> dict[str, Any]:
         return dict(image=self.key, path=str(self.path), height=self.height + self.databar_rows,
@@ -365,18 +372,23 @@ def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: s
 
     summaries, table = quantify_labels(labels, names, options.particle_indices, scale=scale,
                                        watershed=options.watershed, h=options.watershed_h, image=key)
+    tiles = tile_table(labels, table, names, options.particle_indices)
     del labels
     outputs["particles"] = _particle_csv(out_dir / "particles" / f"{key}.csv", table, scale.unit)
     return ImageResult(path=path, key=key, height=h, width=w, databar_rows=bar_rows, pixel_size_nm=pixel_size,
                        pixel_size_source=ps_source, zoom=predictor.zoom, seconds=time.perf_counter() - t0, summaries=summaries,
-                       outputs=outputs)
+                       outputs=outputs, tiles=tiles)
 
 
 # ----------------------------------------------------------------------------- folder
 def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os.PathLike[str],
                   options: PredictOptions, *, failures: Sequence[tuple[str, str]] = (),
-                  settings: Mapping[str, Any] | None = None, overwrite: bool = False) -> RunResult:
+                  settings: Mapping[str, Any] | None = None, overwrite: bool = False,
+                  bootstrap: Bootstrap | None = None) -> RunResult:
     """Run :func:`predict_image` over ``paths``, then write the folder tables, histograms and README.
+
+    ``bootstrap``: how the confidence intervals of the pooled rows are computed
+    (:mod:`segment.uncertainty`; default 95 % percentile bootstrap, B = 2000, seed 0).
 
     A failing image is logged with its path and reason and recorded; the others go on.
     ``failures`` are earlier ones (inputs that matched nothing) to list with them. Images that an
@@ -415,14 +427,22 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os
     results = [done[p] for p in paths if p in done]  # input order, resumed or not
     summaries = [s for r in results for s in r.summaries]
     pooled = pool_summaries(summaries) if summaries else []
-    _write_csv(out_dir / "summary.csv", SUMMARY_COLUMNS, [s.row() for s in (*summaries, *pooled)])
+    bootstrap = bootstrap or Bootstrap()
+    groups = _interval_groups(results, options)
+    intervals = {(label, name): cols for label, (group, tiles) in groups.items()
+                 for name, cols in _group_intervals(label, group, tiles, bootstrap).items()}
+    _write_csv(out_dir / "summary.csv", (*SUMMARY_COLUMNS, *CI_COLUMNS),
+               [*(s.row() for s in summaries), *({**s.row(), **intervals.get((s.image, s.name), {})} for s in pooled)])
     _write_csv(out_dir / "images.csv", IMAGE_COLUMNS, [r.row() for r in results])
     _write_csv(out_dir / "failures.csv", ("input", "error"), failed)
     for s in pooled:
         if s.particles:
             _histogram(out_dir / "histograms", s, tag=s.image.replace("ALL", "").strip(" []"))
+    if pooled:
+        _fractions_figure(out_dir / "figures" / "fractions.png", options, results, pooled, groups, intervals, bootstrap)
     atomic_write_text(out_dir / "README.md", _readme(options, results, failed, settings or {},
-                                                           _resampling(predictor, options), len(skipped)))
+                                                           _resampling(predictor, options), len(skipped),
+                                                           bootstrap=bootstrap))
     if failed:
         logger.error("%d of %d input(s) failed (listed in %s):\n%s", len(failed), len(paths) + len(failures),
                      out_dir / "failures.csv", "\n".join(f"  {p}: {e}" for p, e in failed))
@@ -500,6 +520,8 @@ def _write_record(out_dir: Path, result: ImageResult, source: dict[str, int] | N
     record = dict(format=RECORD_FORMAT, fingerprint=fingerprint, input=source, image=image,
                   outputs={k: Path(os.path.relpath(v, out_dir)).as_posix() for k, v in result.outputs.items()},
                   summaries=[_summary_json(s) for s in result.summaries])
+    if result.tiles is not None:  # optional: records without it (written before issue 17) stay valid
+        record["tiles"] = result.tiles
     atomic_write_text(_record_path(out_dir, result.key), json.dumps(record, allow_nan=False))
 
 
@@ -520,7 +542,8 @@ def _read_record(out_dir: Path, path: Path, key: str, fingerprint: str) -> tuple
         if not all(p.is_file() for p in outputs.values()):
             return None, "outputs missing"
         summaries = [_summary_from_json(s) for s in record["summaries"]]
-        return ImageResult(path=path, key=key, summaries=summaries, outputs=outputs, **record["image"]), "done"
+        return ImageResult(path=path, key=key, summaries=summaries, outputs=outputs, tiles=record.get("tiles"),
+                           **record["image"]), "done"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.debug("%s: unreadable (%s)", record_path, exc)
         return None, "record unreadable"
@@ -588,6 +611,83 @@ def _histogram(folder: Path, s: ClassSummary, tag: str = "") -> Path | None:
     return path
 
 
+def _interval_groups(results: Sequence[ImageResult], options: PredictOptions
+                     ) -> dict[str, tuple[list[ImageResult], dict[str, Any] | None]]:
+    """The images of each pooled group (labels as :func:`pool_summaries`: ``ALL``, or ``ALL [unit]``)
+    and, for a group of one image, its tile counts (from the run or the record; a record written
+    before they existed gets them from the image's mask)."""
+    units = sorted({r.summaries[0].unit for r in results if r.summaries})
+    groups: dict[str, tuple[list[ImageResult], dict[str, Any] | None]] = {}
+    for unit in units:
+        group = [r for r in results if r.summaries and r.summaries[0].unit == unit]
+        tiles = None
+        if len(group) == 1:
+            tiles = group[0].tiles if group[0].tiles is not None else _tiles_from_mask(group[0], options)
+        groups["ALL" if len(units) == 1 else f"ALL [{unit}]"] = (group, tiles)
+    return groups
+
+
+def _group_intervals(label: str, group: Sequence[ImageResult], tiles: dict[str, Any] | None,
+                     bootstrap: Bootstrap) -> dict[str, dict[str, Any]]:
+    """:func:`segment.uncertainty.folder_intervals` of one group; on an error, no interval (logged) but
+    the folder tables all the same."""
+    try:
+        return folder_intervals([r.summaries for r in group], bootstrap, tiles, label)
+    except Exception as exc:  # noqa: BLE001 - the tables matter more than their intervals
+        logger.warning("%s: no confidence intervals (%s: %s)", label, type(exc).__name__, exc)
+        return {}
+
+
+def _tiles_from_mask(result: ImageResult, options: PredictOptions) -> dict[str, Any] | None:
+    """Tile counts of a resumed image whose record predates them: its mask quantified again with the
+    same options (the same particles, so the same tiles as a fresh run). None if the mask is unreadable."""
+    from pretrain.io import read_raw
+
+    try:
+        labels = np.asarray(read_raw(result.outputs["mask"]))
+        _, table = quantify_labels(labels, list(options.class_names), options.particle_indices,
+                                   scale=Scale(result.pixel_size_nm), watershed=options.watershed,
+                                   h=options.watershed_h, image=result.key)
+        return tile_table(labels, table, list(options.class_names), options.particle_indices)
+    except Exception as exc:  # noqa: BLE001 - the interval is optional; the tables are not
+        logger.warning("%s: no tile counts for the one-image interval (%s)", result.key, exc)
+        return None
+
+
+def _fractions_figure(path: Path, options: PredictOptions, results: Sequence[ImageResult],
+                      pooled: Sequence[ClassSummary], groups: Mapping[str, tuple[list[ImageResult], Any]],
+                      intervals: Mapping[tuple[str, str], Mapping[str, Any]], bootstrap: Bootstrap) -> Path | None:
+    """figures/fractions.png (:mod:`segment.fractions_figure`): per-image fractions (dots), the folder
+    fraction and its interval per pooled group."""
+    from segment.fractions_figure import Band, fractions_figure
+
+    names = [str(n) for n in options.class_names]
+    fractions = {r.key: [s.area_fraction for s in r.summaries] for r in results}
+    nan = float("nan")
+    bands = []
+    for label, (group, tiles) in groups.items():
+        est = {s.name: s.area_fraction for s in pooled if s.image == label}
+        ci = [intervals.get((label, n), {}) for n in names]
+        tile_fractions = None
+        if len(group) == 1 and tiles is not None:
+            total = np.asarray(tiles["total_pixels"], np.float64)[:, None]
+            tile_fractions = np.stack([tiles["classes"][n]["pixels"] for n in names], 1) / total
+        bands.append(Band(label=label, images=[r.key for r in group], estimate=[est.get(n, nan) for n in names],
+                          low=[c.get("area_fraction_ci_low", nan) for c in ci],
+                          high=[c.get("area_fraction_ci_high", nan) for c in ci],
+                          over=str(ci[0].get("ci_over", "images")) if ci else "images",
+                          tile_fractions=tile_fractions, method=bootstrap.describe()))
+    # Hook for a per-image quality flag (issue 17): images whose images.csv row carries a true
+    # "flagged" value are marked. ImageResult.row() has no such column yet, so none are.
+    flagged = {r.key for r in results if r.row().get("flagged")}
+    try:
+        return fractions_figure(path, names, fractions, bands, colors=options.colors, flagged=flagged,
+                                level=bootstrap.level)
+    except Exception as exc:  # noqa: BLE001 - a figure must not cost the run its tables
+        logger.warning("figure %s not written: %s", path, exc)
+        return None
+
+
 def _resampling(predictor: Predictor, options: PredictOptions) -> str:
     grid = predictor.meta.get("model_pixel_size_nm")
     if grid and options.match_pixel_size:
@@ -597,8 +697,35 @@ def _resampling(predictor: Predictor, options: PredictOptions) -> str:
     return f"every image resized by the model's zoom {predictor.zoom:g}; masks and statistics in native pixels"
 
 
+def _interval_readme(bootstrap: Bootstrap) -> list[str]:
+    """The README's statement of how the confidence intervals are computed (segment.uncertainty)."""
+    return [
+        "## Confidence intervals (ALL rows of summary.csv)",
+        f"- Method: {bootstrap.describe()} (numpy default_rng([seed, crc32(group name)])), one set of",
+        "  resamples shared by every class and statistic of a pooled group.",
+        "- Over images (ci_over = images), the independent unit: each resample draws as many images as the",
+        "  group has, with replacement, and recomputes the pooled statistic from the drawn images: area fraction",
+        "  = summed class pixels / summed analysed pixels (the pixel-weighted mean of the per-image fractions,",
+        "  as in the ALL rows), number_density = summed Gundersen counts / summed analysed area, ecd_mean,",
+        "  ecd_median, ecd_d10, ecd_d90 over the drawn images' pooled border-free particles.",
+        "- A group of ONE image has no replicate image: its interval is over tiles of that image (ci_over =",
+        "  tiles ..., about 256 px, at least 4 x 4; particles belong to the tile holding their centroid). It",
+        "  describes the variability within this field of view only, not between fields or specimens: image",
+        "  more fields for an interval that covers those.",
+        "- No interval (empty cells) for fewer than 2 units, or when the statistic is undefined (no border-free",
+        f"  particle drawn) in more than {100 * (1 - bootstrap.level) / 2:g} % of the resamples.",
+        "- ECDs of small particles take few values (whole pixel counts): an interval of their median, D10 or D90",
+        "  can have zero width, because most resamples hit the same value.",
+        "- The intervals cover sampling variability only (which images were taken), not segmentation errors.",
+        "- Coverage measured by simulation (BENCHMARKS.md, issue 17): the percentile bootstrap holds 90-98 % at",
+        "  20 images but only 79-90 % at 5 images (too narrow); --ci-method t gave 90-97.5 % at 5 images.",
+        "",
+    ]
+
+
 def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Sequence[tuple[str, str]],
-            settings: Mapping[str, Any], resampling: str, skipped: int = 0) -> str:
+            settings: Mapping[str, Any], resampling: str, skipped: int = 0,
+            bootstrap: Bootstrap | None = None) -> str:
     names = list(options.class_names)
     particles = [names[i] for i in options.particle_indices]
     phases = [n for i, n in enumerate(names) if i not in options.particle_indices]
@@ -638,13 +765,17 @@ def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Seq
         "- Lengths are in nm and areas in nm^2 when the pixel size is known, else in px and px^2; the `unit`",
         "  column (summary.csv) and the column names (particles/*.csv) say which. Centroids are in pixels.",
         "",
+        *_interval_readme(bootstrap or Bootstrap()),
         "## Files",
         "- masks/KEY.png|.tif: uint8 class indices (lossless); overlays/KEY.png: preview (downsampled);",
         "  probabilities/KEY.tif (--probs): K x H x W uint8, softmax x 255, classes in order.",
         "- particles/KEY.csv: particle, class, area, ecd, perimeter, aspect_ratio, centroid_y_px, centroid_x_px,",
         "  touches_border (1 = cut by the border, excluded from size statistics).",
         "- summary.csv: one row per image and class; rows with image ALL pool all images (ALL [nm] / ALL [px]",
-        "  when only some images have a pixel size). kind = particles or phase.",
+        "  when only some images have a pixel size). kind = particles or phase. The ALL rows also carry the",
+        "  confidence intervals (columns ci_level, ci_over, ci_units, <statistic>_ci_low / _ci_high).",
+        "- figures/fractions.png: per class, each image's area fraction (dots) and the folder fraction (line)",
+        "  with its confidence interval (band); for one image, its tiles' fractions (grey dots).",
         "- images.csv: size, data-bar rows, pixel size and its source per image.",
         "- histograms/ecd_CLASS.png: pooled ECD histogram of the border-free particles of each particle class.",
         "- records/KEY.json: per image, what the tables above need; written after all of the image's outputs.",
@@ -718,6 +849,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--watershed", action="store_true", help="split touching particles (distance-transform watershed)")
     q.add_argument("--watershed-h", type=float, default=2.0, metavar="PX",
                    help="minimum depth (pixels) of a distance-transform saddle that splits particles (default 2)")
+    q.add_argument("--ci-resamples", type=int, default=2000, metavar="B",
+                   help="bootstrap resamples of the folder statistics' 95 %% intervals (default 2000)")
+    q.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
+    q.add_argument("--ci-method", choices=["percentile", "bca", "t"], default="percentile",
+                   help="interval from the bootstrap resamples: percentile (default), bca, or t (estimate +- "
+                        "t(n-1) x bootstrap SE; closer to 95 %% coverage for folders of few images, BENCHMARKS.md)")
     o = p.add_argument_group("outputs")
     o.add_argument("--mask-format", choices=["auto", "png", "tif"], default="auto",
                    help=f"mask file format (auto: PNG up to {PNG_MAX_SIDE} px on the longest side, else TIFF)")
@@ -786,6 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             watershed_h=args.watershed_h, save_probs=args.probs, overlays=not args.no_overlays,
             overlay_max_side=args.overlay_max_side, mask_format=args.mask_format,
             match_pixel_size=not (args.no_match_pixel_size or args.zoom is not None), progress=not args.no_progress)
+        bootstrap = Bootstrap(resamples=args.ci_resamples, seed=args.ci_seed, method=args.ci_method)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     paths, failures = expand_inputs(args.inputs)
@@ -807,7 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with logging_redirect_tqdm():
         result = predict_paths(predictor, paths, args.out, options, failures=failures, settings=readme_settings,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, bootstrap=bootstrap)
     logger.info("wrote %s: %d image(s), %d failure(s)", args.out, len(result.images), len(result.failures))
     return 0 if result.ok else 1
 
