@@ -38,7 +38,7 @@ CLI::
     python -m segment.predict CHECKPOINT INPUTS... --out DIR [--databar auto | --crop-bottom N]
         [--pixel-size 2.5nm] [--particle-classes secondary,tertiary] [--watershed] [--tta]
         [--overlap 0.5] [--batch-size 8] [--device cuda] [--probs] [--overwrite]
-        [--ci-resamples 2000] [--ci-seed 0] [--ci-method percentile|bca|t]
+        [--ci-resamples 2000] [--ci-seed 0] [--ci-method t|percentile|bca]
 """
 from __future__ import annotations
 
@@ -388,7 +388,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os
     """Run :func:`predict_image` over ``paths``, then write the folder tables, histograms and README.
 
     ``bootstrap``: how the confidence intervals of the pooled rows are computed
-    (:mod:`segment.uncertainty`; default 95 % percentile bootstrap, B = 2000, seed 0).
+    (:mod:`segment.uncertainty`; default 95 % bootstrap t interval, B = 2000, seed 0).
 
     A failing image is logged with its path and reason and recorded; the others go on.
     ``failures`` are earlier ones (inputs that matched nothing) to list with them. Images that an
@@ -717,8 +717,8 @@ def _interval_readme(bootstrap: Bootstrap) -> list[str]:
         "- ECDs of small particles take few values (whole pixel counts): an interval of their median, D10 or D90",
         "  can have zero width, because most resamples hit the same value.",
         "- The intervals cover sampling variability only (which images were taken), not segmentation errors.",
-        "- Coverage measured by simulation (BENCHMARKS.md, issue 17): the percentile bootstrap holds 90-98 % at",
-        "  20 images but only 79-90 % at 5 images (too narrow); --ci-method t gave 90-97.5 % at 5 images.",
+        "- Coverage measured by simulation (BENCHMARKS.md, issue 17): the t interval (default) held 90-97.5 % at 5",
+        "  and 20 images; the percentile bootstrap only 79-90 % at 5 images (too narrow).",
         "",
     ]
 
@@ -852,9 +852,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--ci-resamples", type=int, default=2000, metavar="B",
                    help="bootstrap resamples of the folder statistics' 95 %% intervals (default 2000)")
     q.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
-    q.add_argument("--ci-method", choices=["percentile", "bca", "t"], default="percentile",
-                   help="interval from the bootstrap resamples: percentile (default), bca, or t (estimate +- "
-                        "t(n-1) x bootstrap SE; closer to 95 %% coverage for folders of few images, BENCHMARKS.md)")
+    q.add_argument("--ci-method", choices=["percentile", "bca", "t"], default="t",
+                   help="interval from the bootstrap resamples: t (default: estimate +- t(n-1) x bootstrap SE, "
+                        "95 %% coverage held down to 5 images, BENCHMARKS.md), percentile or bca (too narrow "
+                        "for folders of few images)")
     o = p.add_argument_group("outputs")
     o.add_argument("--mask-format", choices=["auto", "png", "tif"], default="auto",
                    help=f"mask file format (auto: PNG up to {PNG_MAX_SIDE} px on the longest side, else TIFF)")

@@ -225,7 +225,8 @@ def test_predict_summary_has_interval_columns_readme_and_figure(tmp_path, predic
     matrix = next(row for row in rows if row["image"] == "ALL" and row["class"] == "matrix")
     assert matrix["area_fraction_ci_low"] and matrix["number_density_ci_low"] == ""
     readme = (tmp_path / "out" / "README.md").read_text()
-    assert "95 % percentile bootstrap, B = 500 resamples, seed 3" in readme and "pixel-weighted" in readme
+    assert "95 % t interval with the bootstrap standard error, B = 500 resamples, seed 3" in readme
+    assert "pixel-weighted" in readme
     figure = tmp_path / "out" / "figures" / "fractions.png"
     assert figure.is_file() and Image.open(figure).size[0] > 400
 
@@ -281,9 +282,9 @@ def test_cli_interval_options(tmp_path):
     args = [str(ckpt), str(tmp_path / "*.png"), "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu",
             "--no-overlays"]
     assert main([*args, "--ci-resamples", "300", "--ci-seed", "4"]) == 0
-    assert "95 % percentile bootstrap, B = 300 resamples, seed 4" in (tmp_path / "o" / "README.md").read_text()
-    assert main([*args, "--ci-method", "t"]) == 0
-    assert "95 % t interval with the bootstrap standard error, B = 2000" in (tmp_path / "o" / "README.md").read_text()
+    assert "95 % t interval with the bootstrap standard error, B = 300 resamples, seed 4" in (tmp_path / "o" / "README.md").read_text()
+    assert main([*args, "--ci-method", "percentile"]) == 0
+    assert "95 % percentile bootstrap, B = 2000" in (tmp_path / "o" / "README.md").read_text()
     with pytest.raises(SystemExit, match="resamples must be >= 100"):
         main([*args, "--ci-resamples", "10"])
 
