@@ -55,16 +55,15 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from segmentation_models_pytorch.base import SegmentationHead
 from segmentation_models_pytorch.base import modules as smp_modules
-from segmentation_models_pytorch.base.initialization import initialize_decoder, initialize_head
-from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
+from segmentation_models_pytorch.base.initialization import initialize_decoder
 from timm.models.swin_transformer import SwinTransformer
 
 from ._cnn import TimmCNNEncoder
 from ._layers import PAD_MODES, check_input, lcm, pad_to_multiple, to_config
 from ._registry import register_model
 from .cs_unet import _SWIN_INTERMEDIATE, _SWIN_LITE, _SWIN_ORIGINAL, _SWIN_TEST, _validate
+from .unet import build_decoder
 
 __all__ = ["CSUNetHybrid", "SwinProjection", "InputSkip"]
 
@@ -163,17 +162,9 @@ class CSUNetHybrid(nn.Module):
         # The U-Net part, built exactly as TimmUnet builds it (same attribute names and init).
         self.cnn = TimmCNNEncoder(cnn_name, in_chans, strides=_CNN_STRIDES, optional_strides=(2,), **(cnn_kwargs or {}))
         self.pad_multiple = _CNN_STRIDES[-1]
-        self.decoder = UnetDecoder(
-            encoder_channels=[in_chans, *self.cnn.channels],
-            decoder_channels=decoder_channels,
-            n_blocks=len(_CNN_STRIDES),
-            use_norm=decoder_use_norm,
-            attention_type=decoder_attention_type,
-            interpolation_mode=decoder_interpolation,
-        )
-        self.segmentation_head = SegmentationHead(decoder_channels[-1], num_classes, kernel_size=3)
-        initialize_decoder(self.decoder)
-        initialize_head(self.segmentation_head)
+        self.decoder, self.segmentation_head = build_decoder(
+            "unet", in_chans, self.cnn.channels, decoder_channels, num_classes,
+            use_norm=decoder_use_norm, attention_type=decoder_attention_type, interpolation=decoder_interpolation)
 
         # The Swin branch and its zero-initialised entries into the CNN features.
         self._swin_spec = {

@@ -23,12 +23,31 @@ from ._cnn import TimmCNNEncoder
 from ._layers import PAD_MODES, check_input, pad_to_multiple, to_config
 from ._registry import register_model
 
-__all__ = ["TimmUnet"]
+__all__ = ["TimmUnet", "build_decoder"]
 
 _logger = logging.getLogger(__name__)
 
 _DECODERS = {"unet": UnetDecoder, "unetplusplus": UnetPlusPlusDecoder}
 _STRIDES = (2, 4, 8, 16, 32)
+
+
+def build_decoder(kind: str, in_chans: int, cnn_channels: Sequence[int], decoder_channels: Sequence[int],
+                  num_classes: int, *, use_norm: bool | str | dict[str, Any] = "batchnorm",
+                  attention_type: str | None = None, interpolation: str = "nearest") -> tuple[nn.Module, nn.Module]:
+    """smp's U-Net (``kind="unet"``) or U-Net++ decoder over ``[input, *cnn_channels]`` features and its
+    3x3 head, with smp's initialisation: the one decoder of ``TimmUnet`` and ``CSUNetHybrid``."""
+    decoder = _DECODERS[kind](
+        encoder_channels=[in_chans, *cnn_channels],
+        decoder_channels=decoder_channels,
+        n_blocks=len(_STRIDES),
+        use_norm=use_norm,
+        attention_type=attention_type,
+        interpolation_mode=interpolation,
+    )
+    head = SegmentationHead(decoder_channels[-1], num_classes, kernel_size=3)
+    initialize_decoder(decoder)
+    initialize_head(head)
+    return decoder, head
 
 
 class TimmUnet(nn.Module):
@@ -76,17 +95,9 @@ class TimmUnet(nn.Module):
         self.config: dict[str, Any] = {}  # filled by the registered entry point
         self.cnn = TimmCNNEncoder(cnn_name, in_chans, strides=_STRIDES, optional_strides=(2,), **(cnn_kwargs or {}))
         self.pad_multiple = _STRIDES[-1]
-        self.decoder = _DECODERS[decoder](
-            encoder_channels=[in_chans, *self.cnn.channels],
-            decoder_channels=decoder_channels,
-            n_blocks=len(_STRIDES),
-            use_norm=decoder_use_norm,
-            attention_type=decoder_attention_type,
-            interpolation_mode=decoder_interpolation,
-        )
-        self.segmentation_head = SegmentationHead(decoder_channels[-1], num_classes, kernel_size=3)
-        initialize_decoder(self.decoder)
-        initialize_head(self.segmentation_head)
+        self.decoder, self.segmentation_head = build_decoder(
+            decoder, in_chans, self.cnn.channels, decoder_channels, num_classes,
+            use_norm=decoder_use_norm, attention_type=decoder_attention_type, interpolation=decoder_interpolation)
 
     @property
     def encoders(self) -> dict[str, nn.Module]:
