@@ -152,8 +152,6 @@ class CSUNetHybrid(nn.Module):
         _validate(
             num_classes, in_chans, img_size, patch_size, embed_dim, depths, num_heads, window_size, pad_mode, None
         )
-        if len(decoder_channels) != len(_CNN_STRIDES):
-            raise ValueError(f"decoder_channels needs {len(_CNN_STRIDES)} entries, got {list(decoder_channels)}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.pad_mode = pad_mode

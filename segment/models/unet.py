@@ -36,6 +36,8 @@ def build_decoder(kind: str, in_chans: int, cnn_channels: Sequence[int], decoder
                   attention_type: str | None = None, interpolation: str = "nearest") -> tuple[nn.Module, nn.Module]:
     """smp's U-Net (``kind="unet"``) or U-Net++ decoder over ``[input, *cnn_channels]`` features and its
     3x3 head, with smp's initialisation: the one decoder of ``TimmUnet`` and ``CSUNetHybrid``."""
+    if len(decoder_channels) != len(_STRIDES):
+        raise ValueError(f"decoder_channels needs {len(_STRIDES)} entries, got {list(decoder_channels)}")
     decoder = _DECODERS[kind](
         encoder_channels=[in_chans, *cnn_channels],
         decoder_channels=decoder_channels,
@@ -85,8 +87,6 @@ class TimmUnet(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {sorted(_DECODERS)}, got {decoder!r}")
-        if len(decoder_channels) != len(_STRIDES):
-            raise ValueError(f"decoder_channels needs {len(_STRIDES)} entries, got {list(decoder_channels)}")
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
         self.num_classes = num_classes
