@@ -8,15 +8,17 @@ Training (:func:`make_loader`), per DESIGN 2.2::
 
 Facts of webdataset 1.0.2 this module is built around (read from its source):
 
-* ``WebDataset(resampled=True)`` draws shards from a ``ResampledShards`` seeded from pid, time and
-  ``os.urandom`` (its ``seed``/``shardshuffle`` are ignored), and ``split_by_node`` /
-  ``split_by_worker`` after that infinite random stream only thin it out: every rank still samples
-  every shard. Here the shard list is split between ranks *first* (``urls[rank::world]``, all of
-  them when there are fewer shards than ranks) and each worker resamples its rank's shards with a
-  ``ResampledShards(deterministic=True)`` seeded from (seed, rank, worker, epoch), so ranks read
-  different shards and a run is reproducible. No rank ever runs dry: the stream is infinite and
-  the epoch length is fixed on the loader, so every rank yields exactly ``steps_per_epoch``
-  full batches and collectives never hang.
+* Resample, then split (issue 16 item 6): every rank and worker runs the same
+  ``ResampledShards(all shards, deterministic=True)`` sequence, seeded from (seed, epoch) only, and
+  keeps every ``world``-th draw from position ``rank`` (``wds.split_by_node``'s rule), then every
+  ``num_workers``-th of those from position ``worker`` (``wds.split_by_worker``'s). Ranks and workers
+  thus take disjoint positions of one random stream over *all* shards: each sees every shard in
+  proportion to the draws, whatever the shard count or sizes, and no rank is stuck with the short
+  last shard. (``WebDataset(resampled=True)`` seeds from pid, time and ``os.urandom``: splitting its
+  stream would not give disjoint positions.) No rank ever runs dry: the stream is infinite and the
+  epoch length is fixed on the loader, so every rank yields exactly ``steps_per_epoch`` full
+  batches and collectives never hang. Splitting the shard *list* first (``urls[rank::world]``, as
+  before) gave ranks different data and, with few shards, idle workers.
 * ``wds.warn_and_continue`` sleeps 0.5 s per error. :class:`SkipCounter` is the handler used for
   reading, decoding and mapping instead: it logs, counts and continues. Worker processes cannot
   share a counter with the caller, so every sample carries the number of failures its worker met
@@ -38,6 +40,7 @@ rank and move :class:`Batch` tensors to the device yourself.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -255,14 +258,36 @@ def _worker_id() -> int:
 # --- pipeline stages (module-level classes so DataLoader workers can pickle them) -----------
 
 
-class _WorkerSeed:
-    """``ResampledShards`` worker seed: distinct per (rank, worker), independent of the process."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+class _SharedSeed:
+    """``ResampledShards`` worker seed: the same on every rank and worker, so all of them draw one
+    shared shard sequence (per epoch) which :class:`_SplitDraws` divides by position."""
 
     def __call__(self) -> int:
-        return wds.utils.make_seed(self.rank, _worker_id())
+        return 0
+
+
+class _SplitDraws:
+    """Keep draws ``rank + world x i`` of the shared shard stream (``wds.split_by_node``), then
+    every ``num_workers``-th of those from this worker's position (``wds.split_by_worker``), with
+    explicit rank/world instead of torch.distributed's."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def __call__(self, source: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return itertools.islice(source, self.rank + self.world * worker, None, self.world * workers)
+
+
+def shard_stream(urls: Sequence[str], *, seed: int, rank: int, world: int, epoch: int = 0,
+                 worker: int = 0, num_workers: int = 1) -> Iterable[str]:
+    """The shard urls a (rank, worker) reads in ``epoch``, in order (infinite): what
+    :func:`make_loader` iterates, exposed for tests and diagnostics."""
+    shards = wds.ResampledShards(list(urls), seed=seed, worker_seed=_SharedSeed(), deterministic=True)
+    shards.epoch = epoch - 1
+    start = rank + world * worker
+    return (d["url"] for d in itertools.islice(iter(shards), start, None, world * num_workers))
 
 
 class _SeededShuffle:
@@ -388,17 +413,13 @@ def make_loader(
         raise ValueError("batch_size and steps_per_epoch must be positive")
     urls = _resolve_urls(urls_or_dir)
     rank, world = _rank_world(rank, world_size)
-    if len(urls) >= world:
-        rank_urls = urls[rank::world]
-    else:
-        logger.warning("%d shards for %d ranks: every rank resamples all of them (write more, "
-                       "smaller shards)", len(urls), world)
-        rank_urls = urls
-    logger.info("rank %d/%d: %d of %d shards, %d workers", rank, world, len(rank_urls), len(urls), num_workers)
+    logger.info("rank %d/%d: resampling all %d shards, every %d-th draw; %d workers", rank, world, len(urls),
+                world, num_workers)
 
     counter = SkipCounter()
     dataset = wds.DataPipeline(
-        wds.ResampledShards(rank_urls, seed=seed, worker_seed=_WorkerSeed(rank), deterministic=True),
+        wds.ResampledShards(urls, seed=seed, worker_seed=_SharedSeed(), deterministic=True),
+        _SplitDraws(rank, world),
         wds.tarfile_to_samples(handler=counter),
         _SeededShuffle(shuffle_buffer, seed, rank) if shuffle_buffer > 0 else None,
         wds.decode(_decode_field, post=[], handler=counter),

@@ -646,7 +646,7 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
         device, accum, clip = accelerator.device, cfg.optim.grad_accum, cfg.optim.clip_grad
         batches = _batches(loader)
         urls = corpus.urls
-        planned = urls[rank::world] if len(urls) >= world else list(urls)
+        planned = list(urls)  # every rank resamples all shards and keeps its positions of the draws
         shards_seen: set[str] = set()
         samples_seen = skipped = 0
         t_start = time.monotonic() - state.elapsed
