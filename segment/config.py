@@ -13,6 +13,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+DEFAULT_STEPS = 400  # train.steps when neither steps nor epochs is set (UNet lite: ~30 min on one CPU core)
+STEPS_PER_EPOCH = 20  # batches per epoch when data.samples_per_epoch is null
+
 
 class Loss(str, Enum):
     dice_ce = "dice_ce"  # soft Dice + cross-entropy (default)
@@ -58,7 +61,9 @@ class DataConfig:
     n_train: Optional[int] = None  # few-shot: use N training images (None = all)
     train_names: list[str] = field(default_factory=list)  # or name them explicitly
     crop_size: int = 256
-    samples_per_epoch: Optional[int] = None  # random crops per epoch (default: 4 per image, >= batch)
+    # random crops per epoch, a unit of logging and validation only (default: 20 batches, whatever the
+    # number of training images, so one image and 10 000 get the same run from the same defaults)
+    samples_per_epoch: Optional[int] = None
     augment: str = "default"  # none | light | default
     in_chans: int = 1
     mean: list[float] = field(default_factory=lambda: [0.5])
@@ -109,10 +114,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    # optimizer steps in all (null: epochs x steps per epoch). The budget that means the same for one
-    # image and for 10 000; an epoch (data.samples_per_epoch crops) is then a unit of validation and logging.
+    # The budget: optimizer steps (null: `epochs` x steps per epoch when `epochs` is set, else DEFAULT_STEPS),
+    # the same meaning for one image and for 10 000; an epoch (data.samples_per_epoch crops) is a unit of
+    # validation and logging. `max_minutes` bounds it by wall time as well (the schedule follows whichever
+    # of the two budgets is nearer its end).
     steps: Optional[int] = None
+    epochs: Optional[int] = None
     batch_size: int = 8
     loss: Loss = Loss.dice_ce
     precision: Precision = Precision.no  # bf16/fp16 apply on GPU only
@@ -126,6 +133,8 @@ class TrainConfig:
     tta: bool = False
 
     def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1 (or null), got {self.epochs}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"train.steps must be >= 1 (or null for epochs x steps per epoch), got {self.steps}")
         if self.max_minutes is not None and not self.max_minutes > 0:

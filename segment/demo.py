@@ -32,6 +32,7 @@ FINETUNE = [
     "data=synthetic_super",
     "data.crop_size=128",
     "data.synthetic_size=256",
+    "data.samples_per_epoch=64",
     "train.epochs=12",
     "train.batch_size=8",
     "train.max_minutes=3.5",

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import numpy as np
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from segment.checkpoint import atomic_write_text, save_model
 from pretrain.checkpointing import CheckpointManager, Preemption
 from pretrain.safe_state import no_code_execution
-from segment.config import FinetuneConfig, Schedule, register_configs
+from segment.config import DEFAULT_STEPS, STEPS_PER_EPOCH, FinetuneConfig, Schedule, register_configs
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +217,25 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
 
 def total_steps(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
     """The optimizer steps of the run: `train.steps` when set (the budget that does not depend on the
-    number of training images), else `train.epochs` x steps per epoch."""
-    return max(1, cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch)
+    number of training images), else `train.epochs` x steps per epoch when set, else `DEFAULT_STEPS`."""
+    if cfg.train.steps is not None:
+        return max(1, cfg.train.steps)
+    if cfg.train.epochs is not None:
+        return max(1, cfg.train.epochs * steps_per_epoch)
+    return DEFAULT_STEPS
 
 
-def lr_lambdas(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int):
+def samples_per_epoch(cfg: FinetuneConfig) -> int:
+    """Crops per epoch: `data.samples_per_epoch`, else STEPS_PER_EPOCH batches (not a function of the images)."""
+    return cfg.data.samples_per_epoch or STEPS_PER_EPOCH * cfg.train.batch_size
+
+
+def lr_lambdas(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int,
+               time_fraction: Callable[[], float] | None = None):
     """Per-group LR factor of the global step: warm-up + cosine (or constant) over `total_steps`;
-    encoders frozen first."""
+    encoders frozen first. With a wall-clock budget (`time_fraction`: the spent share of
+    `train.max_minutes`), the cosine follows whichever budget is nearer its end, so a run stopped by
+    the clock has annealed too."""
     total = total_steps(cfg, steps_per_epoch)
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     freeze = cfg.train.freeze_encoders_epochs * steps_per_epoch
@@ -233,6 +245,8 @@ def lr_lambdas(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int):
             return (step + 1) / warmup
         if cfg.optim.schedule == Schedule.cosine:
             t = (step - warmup) / max(1, total - warmup)
+            if time_fraction is not None:
+                t = max(t, time_fraction())
             return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         return 1.0
 
@@ -314,7 +328,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     cm = data.class_map
     k = len(cm.names)
     mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
-    n_samples = cfg.data.samples_per_epoch or max(8 * len(data.train_pairs), 4 * cfg.train.batch_size)
+    n_samples = samples_per_epoch(cfg)
     train_ds = SegmentationDataset(
         data.train_pairs, cm, in_chans=cfg.data.in_chans, mean=mean, std=std,
         transform=train_transform(cfg.data.crop_size, strength=cfg.data.augment, seed=cfg.train.seed), samples_per_epoch=n_samples,
@@ -330,7 +344,13 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = len(loader)
-    warm = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(groups, cfg, steps_per_epoch))
+    clock = dict(start=time.time())  # reset to the resumed start below
+
+    def time_fraction() -> float:
+        return (time.time() - clock["start"]) / 60 / cfg.train.max_minutes
+
+    warm = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambdas(groups, cfg, steps_per_epoch, time_fraction if cfg.train.max_minutes else None))
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                           patience=cfg.optim.plateau_patience)
                if cfg.optim.schedule == Schedule.plateau else None)
@@ -372,7 +392,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
         writer = SummaryWriter(str(out / "tb"))
     preempt = Preemption(accelerator, out, poll_every=1)  # SIGTERM/SIGUSR1 or RUN/PREEMPT, agreed by all ranks
     preempt.clear_stale_flag()
-    t_start = time.time() - state["elapsed"]
+    t_start = clock["start"] = time.time() - state["elapsed"]
     unwrapped = accelerator.unwrap_model(model)
     budget = total_steps(cfg, steps_per_epoch)
     n_epochs = math.ceil(budget / steps_per_epoch)  # an epoch is a unit of logging and validation

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -198,9 +199,37 @@ def test_step_budget_is_exact_and_the_schedule_ends_with_it(tmp_path):
 
 def test_time_budget_stops_mid_epoch_and_validates(tmp_path):
     run = tmp_path / "run"
-    result = ft.train(make_cfg(run, "train.max_minutes=0.0001", "evaluate=false"))
+    result = ft.train(make_cfg(run, "train.max_minutes=0.0001", "optim.warmup_epochs=0", "evaluate=false"))
     assert result["global_step"] == 1 and result["stopped"].startswith("time budget")
     assert (run / "best" / "model.json").is_file()
+    # the cosine follows the clock when it is the nearer budget: the run it stopped has annealed
+    assert ft.read_history(run / "history.csv")[-1]["lr"] < 0.05 * 5e-4
+
+
+def test_default_budget_and_epoch_do_not_depend_on_the_number_of_images(tmp_path):
+    from segment.config import DEFAULT_STEPS, STEPS_PER_EPOCH
+
+    for n_train in (1, 8):
+        cfg = make_cfg(tmp_path / "run", "train.epochs=null", "data.samples_per_epoch=null",
+                       f"data.n_train={n_train}", "train.batch_size=4")
+        assert ft.samples_per_epoch(cfg) == STEPS_PER_EPOCH * 4
+        assert ft.total_steps(cfg, STEPS_PER_EPOCH) == DEFAULT_STEPS
+    assert ft.total_steps(make_cfg(tmp_path / "run", "train.epochs=3"), 7) == 21  # epochs: the older form
+    assert ft.total_steps(make_cfg(tmp_path / "run", "train.epochs=3", "train.steps=5"), 7) == 5  # steps win
+
+
+def test_cosine_follows_the_nearer_of_the_step_and_time_budgets(tmp_path):
+    cfg = make_cfg(tmp_path / "run", "train.steps=100", "optim.warmup_epochs=0")
+    groups = [dict(is_encoder=False)]
+    by_steps = ft.lr_lambdas(groups, cfg, 10)[0]
+    assert by_steps(50) == pytest.approx(0.5)
+    clock = [0.0]
+    by_time = ft.lr_lambdas(groups, cfg, 10, lambda: clock[0])[0]
+    assert by_time(50) == pytest.approx(0.5)  # the step budget is nearer its end
+    clock[0] = 0.75
+    assert by_time(50) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))  # now the clock is
+    clock[0] = 1.5
+    assert by_time(10) == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("override", ["train.steps=0", "train.max_minutes=0"])
