@@ -30,6 +30,7 @@ __all__ = [
     "MethodConfig",
     "MethodName",
     "OptimConfig",
+    "PerfConfig",
     "Precision",
     "PretrainConfig",
     "SyntheticCorpusConfig",
@@ -112,6 +113,9 @@ class DataConfig:
     num_workers: int = 1  # DataLoader workers per rank
     shuffle_buffer: int = 500  # encoded samples per worker
     max_side: Optional[int] = None  # randomly tile larger frames to this side before the views
+    # workers cut the crops; jitter, gamma, blur, noise and normalisation run batched on the training
+    # device (pretrain.device_augment); false: all of it per image in the workers
+    device_augment: bool = True
 
 
 @dataclass
@@ -171,6 +175,18 @@ class LogConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Throughput settings (pretrain.throughput); each is a no-op where it does not apply."""
+
+    tf32: bool = True  # TF32 matmuls/convolutions on Ampere+ GPUs (fp32 teacher, losses)
+    sdpa: bool = True  # scaled_dot_product_attention in timm attention (Swin)
+    channels_last: bool = True  # NHWC for CNN encoders
+    fused_adamw: bool = True  # AdamW(fused=True) on CUDA
+    compile: bool = False  # torch.compile the student backbone (opt-in; first steps compile)
+    compile_backend: str = "inductor"
+
+
+@dataclass
 class DistributedConfig:
     deepspeed: Optional[DeepSpeedStage] = None  # null: DDP (or what `accelerate launch` was configured with)
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON instead of configs/deepspeed/<stage>.json
@@ -187,6 +203,7 @@ class PretrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     precision: Precision = Precision.auto
     seed: int = 0
     out: str = "runs/pretrain/default"  # the run folder; every rank must get the same one

@@ -358,6 +358,25 @@ def _collate(samples: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
     return tuple(columns)
 
 
+class _Collate:
+    """:func:`_collate` for the main process; with ``pin`` tensors are stacked into pinned memory."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+
+    def __call__(self, samples: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+        if not self.pin:
+            return _collate(samples)
+        columns = []
+        for column in zip(*samples, strict=True):
+            if isinstance(column[0], Tensor):
+                out = torch.empty((len(column), *column[0].shape), dtype=column[0].dtype, pin_memory=True)
+                columns.append(torch.stack(column, out=out))
+            else:
+                columns.append(_collate([(c,) for c in column])[0])
+        return tuple(columns)
+
+
 class Batch(NamedTuple):
     """One training batch.
 
@@ -395,6 +414,7 @@ def make_loader(
     intensity: str = "percentile",
     max_side: int | None = None,
     mix_buffer: int | None = None,
+    pin: bool = False,
     **loader_kwargs: Any,
 ) -> wds.WebLoader:
     """Infinite resampled training stream cut into epochs of exactly ``steps_per_epoch`` full
@@ -406,7 +426,9 @@ def make_loader(
     ``rank``/``world_size`` default to torch.distributed, then the RANK/WORLD_SIZE environment.
     ``with_labels`` skips (and counts) samples without a ``label_index`` in their metadata.
     ``max_side`` randomly tiles larger frames before the views. Extra keyword arguments go to the
-    DataLoader (``pin_memory``, ``prefetch_factor``, ``multiprocessing_context``, ...).
+    DataLoader (``prefetch_factor``, ``multiprocessing_context``, ...). ``pin``: the batches the
+    main process re-collates are stacked straight into page-locked memory (for non-blocking copies
+    to the GPU); the workers' batches are not pinned, since they are unbatched at once.
     Do not pass the result to ``accelerator.prepare`` (see the module notes).
     """
     if batch_size < 1 or steps_per_epoch < 1:
@@ -435,7 +457,7 @@ def make_loader(
         wds.WebLoader(dataset, batch_size=None, num_workers=num_workers, generator=generator, **loader_kwargs)
         .unbatched()
         .shuffle(mix, initial=min(mix, batch_size), rng=random.Random(wds.utils.make_seed(seed, rank, 2)))
-        .batched(batch_size, collation_fn=_collate, partial=False)
+        .batched(batch_size, collation_fn=_Collate(pin), partial=False)
         .map(_to_batch)
         .with_epoch(steps_per_epoch)
     )

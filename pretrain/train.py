@@ -382,13 +382,24 @@ def build_method(cfg: PretrainConfig, *, labels: Sequence[str] | None = None):
 
 
 def build_views(cfg: PretrainConfig, method_name: str):
-    """DINO: multi-crop (2 global + n_local local); the other methods: two views."""
+    """DINO: multi-crop (2 global + n_local local); the other methods: two views. With
+    ``data.device_augment`` the views stop after the crops (:func:`build_device_augment` does the rest)."""
     from pretrain.views import MultiCrop, TwoViews
 
-    v, common = cfg.data.views, dict(channels=cfg.encoder.in_chans, mean=cfg.data.mean, std=cfg.data.std)
+    v = cfg.data.views
+    common = dict(channels=cfg.encoder.in_chans, mean=cfg.data.mean, std=cfg.data.std,
+                  photometric=not cfg.data.device_augment)
     if method_name == "dino":
         return MultiCrop(v.global_size, v.local_size, v.n_local, tuple(v.global_scale), tuple(v.local_scale), **common)
     return TwoViews(v.global_size, tuple(v.two_view_scale), **common)
+
+
+def build_device_augment(cfg: PretrainConfig, views):
+    """The batched photometric half of ``views`` for the training device, or None (``data.device_augment``
+    off: the workers apply everything)."""
+    from pretrain.device_augment import PhotometricAugment
+
+    return PhotometricAugment.for_views(views) if cfg.data.device_augment else None
 
 
 def _seed_for(*parts: int) -> int:
@@ -408,7 +419,7 @@ def make_train_loader(cfg: PretrainConfig, urls: Sequence[str], views, *, start_
         list(urls), batch_size=cfg.optim.batch_size, steps_per_epoch=cfg.optim.steps_per_epoch * cfg.optim.grad_accum,
         views=views, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
         seed=_seed_for(cfg.seed, start_step), with_labels=with_labels, rank=rank, world_size=world_size,
-        max_side=cfg.data.max_side, intensity=cfg.data.intensity, pin_memory=torch.cuda.is_available(),
+        max_side=cfg.data.max_side, intensity=cfg.data.intensity, pin=torch.cuda.is_available(),
         **({"worker_init_fn": _ignore_preemption_signals} if cfg.data.num_workers > 0 else {}),
     )
 
@@ -469,6 +480,105 @@ def _readable(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
+# ------------------------------------------------------------------------------------- the loop's parts
+class _Window:
+    """Loss parts and gradient norms of the steps since the last read, summed on the device."""
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.sums: torch.Tensor | None = None
+        self.steps, self.time, self.wait, self.images = 0, 0.0, 0.0, 0
+
+    def add(self, parts: Mapping[str, torch.Tensor], grad_norm: Any, device: torch.device) -> None:
+        names = sorted(parts)
+        values = [torch.as_tensor(parts[n], device=device, dtype=torch.float32).reshape(()) for n in names]
+        if grad_norm is not None:
+            names.append("grad_norm")
+            values.append(torch.as_tensor(grad_norm, device=device, dtype=torch.float32).reshape(()).detach())
+        vector = torch.stack(values)
+        if self.names is None or self.names != names:
+            if self.names is not None:  # the set of parts changed (grad_norm absent on some step): start over
+                self.steps = 0
+            self.names, self.sums = names, vector
+        else:
+            self.sums = self.sums + vector
+        self.steps += 1
+
+    def read(self, accelerator=None) -> dict[str, float]:
+        """Window means, averaged over ranks when ``accelerator`` is given (collective); one sync."""
+        values = self.sums / self.steps
+        if accelerator is not None:
+            values = accelerator.reduce(values, reduction="mean")
+        self.steps = 0
+        return dict(zip(self.names, values.tolist()))
+
+
+def to_device(views: Sequence[torch.Tensor], device: torch.device, augment=None, *,
+              channels_last: bool = False) -> list[torch.Tensor]:
+    """Views to the device (asynchronously from pinned memory), the batched photometric augmentation
+    there (``augment``, see :func:`build_device_augment`), channels_last for CNN students."""
+    out = [v.to(device, non_blocking=True) for v in views]
+    if augment is not None:
+        out = augment(out)
+    if channels_last:
+        out = [v.contiguous(memory_format=torch.channels_last) for v in out]
+    return out
+
+
+def _apply_perf(cfg: PretrainConfig, method, accelerator) -> None:
+    """TF32, SDPA attention, channels_last and torch.compile as ``perf`` says; logged on rank 0."""
+    from pretrain.throughput import channels_last, compile_module, enable_sdpa, enable_tf32
+
+    p, done = cfg.perf, []
+    if p.tf32 and enable_tf32(accelerator.device):
+        done.append("TF32 matmuls/convolutions")
+    if p.sdpa:
+        n = sum(enable_sdpa(net) for net in (method.student, method.teacher) if net is not None)
+        if n:
+            done.append(f"scaled_dot_product_attention in {n} attention modules")
+    if p.channels_last:
+        converted = [channels_last(net["backbone"]) for net in (method.student, method.teacher) if net is not None]
+        if any(converted):
+            done.append("channels_last")
+    if p.compile:
+        compile_module(method.student["backbone"], backend=p.compile_backend)
+        done.append(f"torch.compile ({p.compile_backend}) of the student backbone")
+    log.info("throughput settings: %s", ", ".join(done) if done else "none apply on %s" % accelerator.device)
+
+
+def _plain_backbone(method, spec: Mapping[str, Any], accelerator) -> nn.Module | None:
+    """A fresh fp32 timm module holding the backbone to export/probe, on the main process (None
+    elsewhere). Collective: ZeRO-3 partitions are gathered on every rank, read on the main process."""
+    import timm
+
+    backbone = method.teacher_backbone()
+    state: dict[str, torch.Tensor] = {}
+    with _readable(backbone):
+        if accelerator.is_main_process:
+            for key, value in backbone.state_dict().items():
+                value = value.detach().cpu()
+                state[key] = value.float().clone() if value.is_floating_point() else value.clone()
+    if not accelerator.is_main_process:
+        return None
+    fresh = timm.create_model(spec["timm_name"], num_classes=0, **spec["timm_kwargs"])
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def probe_backbone(method, spec: Mapping[str, Any], accelerator) -> nn.Module | None:
+    """What the k-NN probe runs on the main process (collective; None on the other ranks).
+
+    The EMA teacher (DINO, BYOL, MoCo) is a plain module outside DDP/DeepSpeed: probed as it is.
+    Teacherless methods (SimCLR, supervised) would probe the trained student's backbone, whose
+    forward under ZeRO-3 gathers partitioned parameters with collectives that the other ranks never
+    join (a hang), and whose DDP/compile wrappers see extra calls on one rank: the probe then runs on
+    a plain fp32 copy instead, so every rank runs the same student forwards (issue 16 item 2)."""
+    if method.teacher is not None:
+        return method.teacher_backbone()
+    plain = _plain_backbone(method, spec, accelerator)
+    return plain.to(accelerator.device) if plain is not None else None
+
+
 # ----------------------------------------------------------------------------------------- export
 def export_backbone(method, spec: Mapping[str, Any], out_dir: Path, *, cfg: PretrainConfig, steps: int,
                     data: str, accelerator, knn: Mapping[str, Any] | None = None) -> None:
@@ -479,20 +589,10 @@ def export_backbone(method, spec: Mapping[str, Any], out_dir: Path, *, cfg: Pret
     gathered; a teacherless student is gathered on every rank first. Under bf16 the student's
     tensors are cast to float.
     """
-    import timm
-
     from pretrain.export import export_encoder
 
-    backbone = method.teacher_backbone()
-    state: dict[str, torch.Tensor] = {}
-    with _readable(backbone):
-        if accelerator.is_main_process:
-            for key, value in backbone.state_dict().items():
-                value = value.detach().cpu()
-                state[key] = value.float().clone() if value.is_floating_point() else value.clone()
+    fresh = _plain_backbone(method, spec, accelerator)
     if accelerator.is_main_process:
-        fresh = timm.create_model(spec["timm_name"], num_classes=0, **spec["timm_kwargs"])
-        fresh.load_state_dict(state)
         export_encoder(fresh, out_dir, timm_name=spec["timm_name"], timm_kwargs=spec["timm_kwargs"],
                        in_chans=cfg.encoder.in_chans, mean=cfg.data.mean, std=cfg.data.std, intensity=canonical_intensity(cfg.data.intensity),
                        method=cfg.method.name.value, data=data, steps=steps, knn=knn)
@@ -566,7 +666,9 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     from accelerate.utils import set_seed
 
     from pretrain.checkpointing import CheckpointManager, Preemption, TrainState
+    from pretrain.throughput import is_convnet
     from pretrain.schedules import Schedules, apply_to_optimizer
+    from pretrain.throughput import adamw
     from pretrain.io import atomic_write_text
 
     cfg = _as_config(cfg)
@@ -592,10 +694,12 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     method_name = cfg.method.name.value
     set_seed(cfg.seed, device_specific=True)  # augmentations differ between ranks
     method.to(accelerator.device)
+    _apply_perf(cfg, method, accelerator)
     schedules = Schedules(schedule_config(cfg, method.schedule_defaults, world_size=world),
                           cfg.optim.epochs * cfg.optim.steps_per_epoch)
-    optimizer = torch.optim.AdamW(method.param_groups(weight_decay=schedules.weight_decay(0)),
-                                  lr=schedules.lr(0), betas=tuple(cfg.optim.betas))
+    optimizer = adamw(method.param_groups(weight_decay=schedules.weight_decay(0)), lr=schedules.lr(0),
+                      betas=cfg.optim.betas, fused=cfg.perf.fused_adamw)
+    log.info("optimizer: AdamW%s", " (fused)" if optimizer.defaults.get("fused") else "")
     engine, optimizer = accelerator.prepare(method.student, optimizer)
     method.attach(engine)
     state = TrainState()
@@ -621,6 +725,8 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     metrics = bar = None
     try:
         views = build_views(cfg, method_name)
+        augment = build_device_augment(cfg, views)
+        channels_last = cfg.perf.channels_last and is_convnet(method.student["backbone"])
         loader = make_train_loader(cfg, corpus.urls, views, start_step=start, with_labels=method.requires_labels,
                                    rank=rank, world_size=world)
         probe = build_probe(cfg, out, accelerator)
@@ -628,13 +734,13 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
 
         def run_probe(step: int) -> float | None:
             result = None
-            with _readable(method.teacher_backbone()) as backbone:
-                if probe is not None:
-                    t0 = time.monotonic()
-                    result = probe(backbone, accelerator.device)["knn_top1"]
-                    log.info("step %d: k-NN top-1 %.3f on %s (%.1f s)", step, result, "/".join(probe.classes),
-                             time.monotonic() - t0)
-                    metrics.log(step, {"knn_top1": result}, prefix="knn")
+            backbone = probe_backbone(method, spec, accelerator)  # collective
+            if probe is not None:
+                t0 = time.monotonic()
+                result = probe(backbone, accelerator.device)["knn_top1"]
+                log.info("step %d: k-NN top-1 %.3f on %s (%.1f s)", step, result, "/".join(probe.classes),
+                         time.monotonic() - t0)
+                metrics.log(step, {"knn_top1": result}, prefix="knn")
             accelerator.wait_for_everyone()
             return result
 
@@ -643,6 +749,11 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
             knn_init = next((float(r["knn_top1"]) for r in metrics.rows if r.get("knn_top1") not in (None, "")), None)
 
         # ---- loop
+        # No host-device sync per step (issue 16 item 8): loss parts and the gradient norm add up on the
+        # device and are reduced across ranks and read once per window (log.every steps, and before a
+        # checkpoint, probe or export); the NaN guard checks each window's mean loss, so a non-finite
+        # step stops the run before anything is saved after it. data_wait: share of the window's wall
+        # time spent waiting for the loader (a GPU run starved by its CPU workers shows it near 1).
         device, accum, clip = accelerator.device, cfg.optim.grad_accum, cfg.optim.clip_grad
         batches = _batches(loader)
         urls = corpus.urls
@@ -650,8 +761,8 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
         shards_seen: set[str] = set()
         samples_seen = skipped = 0
         t_start = time.monotonic() - state.elapsed
-        window_time, window_images = 0.0, 0
-        images_per_s = float("nan")
+        window = _Window()
+        images_per_s = data_wait = float("nan")
         last: dict[str, float] = {}
         knn_last = knn_init
         stopped = "completed" if end == total else "stop_at_step"
@@ -666,14 +777,16 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
             parts: dict[str, torch.Tensor] = {}
             grad_norm = None
             for _ in range(accum):
+                t_wait = time.perf_counter()
                 batch = next(batches)
+                window.wait += time.perf_counter() - t_wait
                 for key in batch.keys:
                     shard = corpus.index.shard_of(key)
                     if shard is not None:
                         shards_seen.add(shard)
                 samples_seen += len(batch.keys)
                 skipped += batch.skipped
-                inputs = {"views": [v.to(device, non_blocking=True) for v in batch.views],
+                inputs = {"views": to_device(batch.views, device, augment, channels_last=channels_last),
                           "label": batch.labels.to(device, non_blocking=True)}
                 with accelerator.accumulate(engine):
                     outputs = method(inputs, step, teacher_temp=teacher_temp)
@@ -688,39 +801,38 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
             step += 1
             state.step = step
             state.images += global_batch
-
-            # reduce logs across ranks (every step: the NaN guard must see every rank's loss)
-            names = sorted(parts)
-            values = torch.stack([torch.as_tensor(parts[n], device=device).reshape(()) for n in names])
-            if grad_norm is not None:
-                names.append("grad_norm")
-                values = torch.cat([values, torch.as_tensor(float(grad_norm), device=device).reshape(1)])
-            if world > 1:
-                values = accelerator.reduce(values, reduction="mean")
-            last = dict(zip(names, values.tolist()))
-            if not math.isfinite(last["loss"]):
-                raise FloatingPointError(
-                    f"non-finite loss {last['loss']} at step {step}: lower optim.base_lr, raise optim.warmup_epochs or "
-                    f"check the data; the last good checkpoint is in {out / 'checkpoints'}")
-            dt = time.perf_counter() - t0
-            window_time, window_images = window_time + dt, window_images + global_batch
+            window.add(parts, grad_norm, device)
+            window.time += time.perf_counter() - t0
+            window.images += global_batch
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{global_batch / dt:.1f}", refresh=False)
-            if step % cfg.log.every == 0 or step == end:
-                images_per_s = window_images / max(window_time, 1e-9)
-                window_time, window_images = 0.0, 0
+
+            checkpoint_now = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            probe_now = bool(cfg.knn.every and step % cfg.knn.every == 0 and step != total)
+            export_now = bool(cfg.export.every and step % cfg.export.every == 0 and step != total)
+            if step % cfg.log.every == 0 or step == end or checkpoint_now or probe_now or export_now:
+                last = window.read(accelerator if world > 1 else None)  # the one sync of the window
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(
+                        f"non-finite loss {last['loss']} in the steps up to {step}: lower optim.base_lr, raise "
+                        f"optim.warmup_epochs or check the data; the last good checkpoint is in {out / 'checkpoints'}")
+                images_per_s = window.images / max(window.time, 1e-9)
+                data_wait = window.wait / max(window.time, 1e-9)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{images_per_s:.1f}",
+                                    wait=f"{data_wait:.2f}", refresh=False)
                 metrics.log(step, {"epoch": step / cfg.optim.steps_per_epoch, **last, **sched, "momentum": momentum,
                                    "teacher_temp": teacher_temp, "images_per_s": images_per_s,
-                                   "minutes": (time.monotonic() - t_start) / 60, "skipped": skipped,
-                                   **_memory(device)})
-            if cfg.knn.every and step % cfg.knn.every == 0 and step != total:
+                                   "data_wait": data_wait, "minutes": (time.monotonic() - t_start) / 60,
+                                   "skipped": skipped, **_memory(device)})
+                window = _Window()
+            if probe_now:
                 knn_last = run_probe(step)
-            if cfg.export.every and step % cfg.export.every == 0 and step != total:
+            if export_now:
                 export_backbone(method, spec, out / "export", cfg=cfg, steps=step, data=corpus.description,
                                 accelerator=accelerator)
             state.elapsed = time.monotonic() - t_start
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            if checkpoint_now:
                 checkpoints.save(step, run_meta)
                 saved_at = step
             if step < end and preemption.requested(step):
@@ -731,6 +843,11 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
             bar = None
 
         # ---- end: checkpoint, probe, export, per-rank record
+        if window.steps:  # steps since the last read (a pre-empted window): checked before they are saved
+            last = window.read(accelerator if world > 1 else None)
+            if not math.isfinite(last["loss"]):
+                raise FloatingPointError(f"non-finite loss {last['loss']} in the steps up to {step}; the last good "
+                                         f"checkpoint is in {out / 'checkpoints'}")
         state.elapsed = time.monotonic() - t_start
         if saved_at != step and step > start:
             checkpoints.save(step, run_meta)
@@ -763,7 +880,7 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     result = {
         "step": step, "total_steps": total, "stopped": stopped, "resumed_from": resumed_from,
         "loss": last.get("loss"), "knn_top1_init": knn_init, "knn_top1": knn_last, "images_per_s": images_per_s,
-        "minutes": minutes, "out": str(out), "export": exported,
+        "minutes": minutes, "out": str(out), "export": exported, "data_wait": data_wait,
     }
     if main_proc:
         log.info("pretraining %s at step %d/%d after %.1f min; k-NN top-1 %s -> %s; export %s", stopped, step, total,

@@ -41,6 +41,7 @@ __all__ = [
     "RepeatChannels",
     "TwoViews",
     "as_image_tensor",
+    "blur_kernel_size",
     "micrograph_view",
     "stack_views",
 ]
@@ -160,9 +161,13 @@ class Augment:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
-def _blur_kernel(size: int) -> int:
-    """Odd Gaussian kernel about 10 % of the crop size (as SimCLR), at least 3."""
-    return max(3, 2 * round(0.05 * size) + 1)
+def blur_kernel_size(size: int, sigma_max: float) -> int:
+    """Odd Gaussian kernel covering +-3 sigma of the largest blur (``2 ceil(3 sigma_max) + 1``: 13 taps
+    for sigma 2), at least 3 and at most the crop side. SimCLR's 10 % of the crop (23 taps at 224 px)
+    spent most of its taps on weights below 1e-6 of the centre's."""
+    k = 2 * math.ceil(3 * sigma_max) + 1
+    largest = size if size % 2 else size - 1
+    return max(3, min(k, largest))
 
 
 def _finish(channels: int, mean: float | None, std: float | None) -> list[v2.Transform]:
@@ -188,9 +193,12 @@ def micrograph_view(
     channels: int = 1,
     mean: float | None = None,
     std: float | None = None,
+    photometric: bool = True,
 ) -> v2.Compose:
     """One random view: crop of ``scale`` x area resized to ``size``, flips/rot90, intensity jitter,
-    gamma, blur, noise; then channel repeat and optional normalisation. Float in, float out."""
+    gamma, blur, noise; then channel repeat and optional normalisation. Float in, float out.
+    ``photometric=False`` stops after the geometric part (1 channel in [0, 1]): the rest then runs
+    batched on the device (:class:`pretrain.device_augment.PhotometricAugment`)."""
     a = augment
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(size, scale=scale, ratio=a.ratio, antialias=True),
@@ -199,13 +207,15 @@ def micrograph_view(
         steps.append(v2.RandomHorizontalFlip())
     if a.rot90:
         steps.append(RandomRot90())
+    if not photometric:
+        return v2.Compose(steps)
     if a.jitter_p > 0 and (a.brightness > 0 or a.contrast > 0):
         steps.append(v2.RandomApply([v2.ColorJitter(brightness=a.brightness, contrast=a.contrast)],
                                     p=a.jitter_p))
     if a.gamma_p > 0 and a.gamma != (1.0, 1.0):
         steps.append(v2.RandomApply([RandomGamma(a.gamma)], p=a.gamma_p))
     if blur_p > 0:
-        steps.append(v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=a.blur_sigma)],
+        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size, a.blur_sigma[1]), sigma=a.blur_sigma)],
                                     p=blur_p))
     if a.noise_p > 0 and a.noise_sigma[1] > 0:
         steps.append(v2.RandomApply([RandomNoise(a.noise_sigma)], p=a.noise_p))
@@ -230,10 +240,14 @@ class TwoViews:
         channels: int = 1,
         mean: float | None = None,
         std: float | None = None,
+        photometric: bool = True,
     ) -> None:
         self.size = size
+        self.augment, self.blur_p, self.channels, self.mean, self.std = augment, tuple(blur_p), channels, mean, std
+        self.photometric = photometric
         self.transforms = [
-            micrograph_view(size, scale, augment=augment, blur_p=p, channels=channels, mean=mean, std=std)
+            micrograph_view(size, scale, augment=augment, blur_p=p, channels=channels, mean=mean, std=std,
+                            photometric=photometric)
             for p in blur_p
         ]
         if len(self.transforms) != 2:
@@ -267,11 +281,14 @@ class MultiCrop:
         channels: int = 1,
         mean: float | None = None,
         std: float | None = None,
+        photometric: bool = True,
     ) -> None:
         if n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {n_local}")
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
-        common: dict[str, Any] = dict(augment=augment, channels=channels, mean=mean, std=std)
+        self.augment, self.blur_p, self.channels, self.mean, self.std = augment, (1.0, 0.1, 0.5), channels, mean, std
+        self.photometric = photometric
+        common: dict[str, Any] = dict(augment=augment, channels=channels, mean=mean, std=std, photometric=photometric)
         self.global_views = [micrograph_view(global_size, global_scale, blur_p=p, **common) for p in (1.0, 0.1)]
         self.local_view = micrograph_view(local_size, local_scale, blur_p=0.5, **common)
 

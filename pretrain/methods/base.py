@@ -196,10 +196,16 @@ class SSLMethod(nn.Module):
             return
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+        from pretrain.ema import fp32_sources
+
         student = dict(self.student.named_parameters())
-        with _gathered(list(student.values())):
-            names, teacher = zip(*self.teacher.named_parameters())
-            source = [student[n].detach().to(device=t.device, dtype=t.dtype) for n, t in zip(names, teacher)]
+        names, teacher = zip(*self.teacher.named_parameters())
+        params = [student[n] for n in names]
+        # DeepSpeed bf16/fp16: the optimizer's fp32 master weights, not the rounded module copies (pretrain.ema)
+        masters = any(p.dtype != torch.float32 and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")) for p in params)
+        with contextlib.nullcontext() if masters else _gathered(params):
+            sources = fp32_sources(params) if masters else [p.detach() for p in params]
+            source = [v.to(device=t.device, dtype=t.dtype) for v, t in zip(sources, teacher)]
             torch._foreach_mul_(teacher, momentum)
             torch._foreach_add_(teacher, source, alpha=1.0 - momentum)
 

@@ -1,0 +1,82 @@
+"""Throughput settings for training on GPUs (issue 16 items 5 and 8), shared by pretraining and, through
+the same calls, fine-tuning (``segment/finetune.py``):
+
+* :func:`enable_tf32`: TF32 matmuls and convolutions on Ampere and newer (compute capability >= 8),
+  where fp32 work outside autocast (DINO's EMA teacher, losses) otherwise runs at fp32 speed.
+* :func:`enable_sdpa`: PyTorch's ``scaled_dot_product_attention`` in timm attention modules that
+  offer it but keep it off by default (timm marks Swin's as experimental); same maths, fused kernel.
+* :func:`channels_last`: NHWC memory format for convolutional networks (tensor cores want it).
+* :func:`adamw`: ``torch.optim.AdamW`` with ``fused=True`` where the parameters are on CUDA.
+* :func:`compile_module`: opt-in ``torch.compile`` of a module in place (state-dict keys unchanged).
+
+Each returns what it did, so the caller can log it on rank 0.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["adamw", "channels_last", "compile_module", "enable_sdpa", "enable_tf32", "is_convnet"]
+
+
+def enable_tf32(device: torch.device | str | None = None) -> bool:
+    """TF32 for fp32 matmuls and cuDNN convolutions when ``device`` is a CUDA GPU of compute
+    capability 8 or more (A100, H100, RTX 30xx+). Returns whether it was enabled."""
+    device = torch.device(device) if device is not None else None
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+def enable_sdpa(module: nn.Module) -> int:
+    """Switch every timm attention module of ``module`` that has a ``fused_attn`` flag to PyTorch's
+    ``scaled_dot_product_attention``; returns how many were switched (0 for CNNs)."""
+    if not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
+        return 0
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "fused_attn") and not m.fused_attn:
+            m.fused_attn = True
+            n += 1
+    return n
+
+
+def is_convnet(module: nn.Module) -> bool:
+    """A network of convolutions without attention blocks (ResNet, ConvNeXt, EfficientNet ...)."""
+    convs = sum(isinstance(m, nn.Conv2d) for m in module.modules())
+    attention = any(hasattr(m, "fused_attn") or isinstance(m, nn.MultiheadAttention) for m in module.modules())
+    return convs > 1 and not attention
+
+
+def channels_last(module: nn.Module) -> bool:
+    """Convert a convolutional ``module`` to channels_last in place; returns whether it did."""
+    if not is_convnet(module):
+        return False
+    module.to(memory_format=torch.channels_last)
+    return True
+
+
+def adamw(param_groups: Iterable[dict[str, Any]] | Iterable[nn.Parameter], *, lr: float,
+          betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.01, fused: bool = True
+          ) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) when ``fused`` and every parameter is a
+    floating-point CUDA tensor; torch's default (foreach) implementation otherwise."""
+    groups = list(param_groups)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    use_fused = fused and bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    kwargs = {"fused": True} if use_fused else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kwargs)
+
+
+def compile_module(module: nn.Module, *, backend: str = "inductor", mode: str | None = None) -> nn.Module:
+    """``module.compile(...)`` in place: its forward runs compiled, its parameters and state-dict keys
+    stay those of the module (checkpoints, EMA and export see no ``_orig_mod.`` prefix)."""
+    module.compile(backend=backend, mode=mode)
+    return module
