@@ -18,7 +18,7 @@ without its suffix; the README written there states every choice and column):
 * ``particles/KEY.csv``: one row per particle;
 * ``summary.csv``: one row per image and class, plus pooled ``ALL`` rows per class with 95 %
   bootstrap intervals (:mod:`segment.uncertainty`: over images, or over tiles for one image);
-* ``images.csv``: per image size, data-bar rows, pixel size and its source, zoom, seconds;
+* ``images.csv``: per image size, data-bar rows, pixel size and its source, zoom, seconds, tiles;
 * ``histograms/ecd_CLASS.png``: ECD histograms of the particle classes, all images pooled;
 * ``figures/fractions.png``: per-image phase fractions and the folder's with its 95 % interval;
 * ``failures.csv``: images that failed and why;
@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -70,6 +71,7 @@ from segment.checkpoint import atomic_write_text
 from segment.databar import detect_databar
 from segment.infer import Predictor
 from segment.onnx_backend import BACKENDS, onnx_predictor, weights_digest
+from segment.progress import TileProgress, format_seconds
 from segment.quantify import (
     PARTICLE_COLUMNS,
     SUMMARY_COLUMNS,
@@ -101,7 +103,7 @@ PNG_MAX_SIDE = 4096
 """Masks with a longer side are written as deflate TIFF (PNG writers and viewers struggle)."""
 
 IMAGE_COLUMNS = ("image", "path", "height", "width", "databar_rows", "analysed_height",
-                 "pixel_size_nm", "pixel_size_source", "zoom", "seconds", "mask")
+                 "pixel_size_nm", "pixel_size_source", "zoom", "seconds", "model_tiles", "mask")
 
 
 @dataclass
@@ -167,13 +169,32 @@ class ImageResult:
     summaries: list[ClassSummary]
     outputs: dict[str, Path] = field(default_factory=dict)
     tiles: dict[str, Any] | None = None  # segment.uncertainty.tile_table: the one-image interval's units
+    model_tiles: int = 0  # tiles the model ran on (0 in records written before they were counted)
+    inference_seconds: float = 0.0  # seconds of the band-wise tiling (model, blending, argmax)
+    ood: dict[str, Any] | None = None  # out-of-distribution score, threshold and flag, when the model has them
+
+    def log_line(self, index: int | None = None, total: int | None = None) -> str:
+        """One line for the log: time, tiles/s, fractions per class (and the OOD score and flag when
+        the image has them)."""
+        where = f"[{index}/{total}] " if index is not None and total else ""
+        speed = (f", {self.model_tiles} tiles in {format_seconds(self.inference_seconds)} "
+                 f"({self.model_tiles / self.inference_seconds:.3g} tiles/s)"
+                 if self.model_tiles and self.inference_seconds > 0 else "")
+        fractions = ", ".join(f"{s.name} {100 * s.area_fraction:.2f} %" for s in self.summaries)
+        ood = self.ood
+        flag = ""
+        if ood is not None and ood.get("score") is not None:
+            flag = f"; OOD score {ood['score']:.3g} (threshold {ood['threshold']:.3g})" + (
+                " FLAGGED: out of distribution?" if ood.get("flagged") else " ok")
+        return (f"{where}{self.key}: {self.width}x{self.height + self.databar_rows} px, "
+                f"{format_seconds(self.seconds)}{speed}; {fractions}{flag}")
 
     def row(self) -> dict[str, Any]:
         return dict(image=self.key, path=str(self.path), height=self.height + self.databar_rows,
                     width=self.width, databar_rows=self.databar_rows, analysed_height=self.height,
                     pixel_size_nm=self.pixel_size_nm if self.pixel_size_nm is not None else "",
                     pixel_size_source=self.pixel_size_source, zoom=round(self.zoom, 6),
-                    seconds=round(self.seconds, 2),
+                    seconds=round(self.seconds, 2), model_tiles=self.model_tiles or "",
                     mask=str(self.outputs.get("mask", "")))
 
 
@@ -360,7 +381,8 @@ def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: s
                 probs = stack.enter_context(_atomic_memmap(
                     outputs["probabilities"], (len(names), h, w),
                     metadata={"axes": "CYX", "classes": names, "values": "softmax probability x 255"}))
-            labels = predict_stream(predictor, source, probs_out=probs, progress=options.progress, desc=key)
+            tiles_done = TileProgress(key, report=options.progress)
+            labels = predict_stream(predictor, source, probs_out=probs, progress=tiles_done, desc=key)
         if int(labels.max(initial=0)) >= len(names):
             raise ValueError(f"the model predicts class {int(labels.max())} but only {len(names)} "
                              f"class names are known {names}")
@@ -380,7 +402,8 @@ def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: s
     outputs["particles"] = _particle_csv(out_dir / "particles" / f"{key}.csv", table, scale.unit)
     return ImageResult(path=path, key=key, height=h, width=w, databar_rows=bar_rows, pixel_size_nm=pixel_size,
                        pixel_size_source=ps_source, zoom=predictor.zoom, seconds=time.perf_counter() - t0, summaries=summaries,
-                       outputs=outputs, tiles=tiles)
+                       outputs=outputs, tiles=tiles, model_tiles=tiles_done.done,
+                       inference_seconds=tiles_done.seconds)
 
 
 # ----------------------------------------------------------------------------- folder
@@ -408,13 +431,15 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os
     done = {} if overwrite else _completed(paths, keys, out_dir, fingerprint)
     skipped = [keys[p] for p in paths if p in done]
     items: Iterable[Path] = [p for p in paths if p not in done]
-    if options.progress:
+    if options.progress and sys.stderr.isatty():  # in a log file, the per-image lines below say it
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="images", unit="img")
-    for path in items:
+    todo = len(paths) - len(skipped)
+    for i, path in enumerate(items, 1):
         try:
             done[path] = _predict_recorded(predictor, path, out_dir, options, keys[path], fingerprint)
+            logger.info("%s", done[path].log_line(i, todo))
         except KeyboardInterrupt:
             logger.warning("interrupted: %d of %d image(s) complete in %s; the same command resumes there",
                            len(done), len(paths), out_dir)
@@ -513,7 +538,8 @@ def _write_record(out_dir: Path, result: ImageResult, source: dict[str, int] | N
     image = dict(height=int(result.height), width=int(result.width), databar_rows=int(result.databar_rows),
                  pixel_size_nm=None if result.pixel_size_nm is None else float(result.pixel_size_nm),
                  pixel_size_source=result.pixel_size_source,
-                 zoom=float(result.zoom), seconds=float(result.seconds))
+                 zoom=float(result.zoom), seconds=float(result.seconds), model_tiles=int(result.model_tiles),
+                 inference_seconds=float(result.inference_seconds))
     record = dict(format=RECORD_FORMAT, fingerprint=fingerprint, input=source, image=image,
                   outputs={k: Path(os.path.relpath(v, out_dir)).as_posix() for k, v in result.outputs.items()},
                   summaries=[_summary_json(s) for s in result.summaries])
@@ -773,7 +799,8 @@ def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Seq
         "  confidence intervals (columns ci_level, ci_over, ci_units, <statistic>_ci_low / _ci_high).",
         "- figures/fractions.png: per class, each image's area fraction (dots) and the folder fraction (line)",
         "  with its confidence interval (band); for one image, its tiles' fractions (grey dots).",
-        "- images.csv: size, data-bar rows, pixel size and its source per image.",
+        "- images.csv: size, data-bar rows, pixel size and its source, zoom, seconds and model_tiles (tiles the",
+        "  model ran on) per image; the log has one line per image (time, tiles/s, fractions).",
         "- histograms/ecd_CLASS.png: pooled ECD histogram of the border-free particles of each particle class.",
         "- records/KEY.json: per image, what the tables above need; written after all of the image's outputs.",
         "  A rerun on this folder skips the images whose record matches (same input file, model and settings)",

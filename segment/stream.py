@@ -63,6 +63,7 @@ from pretrain.io import (
     to_float,
 )
 from segment.infer import Origin, Predictor, _pad_to, accumulate_tiles, tile_origins
+from segment.progress import TileProgress
 from segment.zoom import RowResampler, image_mode, resize_columns, zoomed_hw
 
 __all__ = [
@@ -457,7 +458,7 @@ class _InputWindow:
 
 
 @torch.inference_mode()
-def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool | None = None,
+def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool | TileProgress | None = None,
                     desc: str = "tiles") -> Iterator[tuple[int, Tensor]]:
     """Yield ``(y0, logits)`` for consecutive blocks of final rows, top to bottom.
 
@@ -467,6 +468,9 @@ def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool |
     resized and the logits resized back band by band). Only ``plan.capacity`` rows of
     accumulators exist at any time. NaN/Inf pixels (first seen) or a constant image (after the
     last block) raise ``pretrain.io.ImageContentError`` naming the file, not the model.
+
+    ``progress``: a :class:`~segment.progress.TileProgress` to count the tiles into (tiles/s, ETA),
+    True/False to show one or not (None: ``predictor.progress``), labelled ``desc``.
     """
     h, w = source.shape
     if h < 1 or w < 1:
@@ -482,7 +486,13 @@ def iter_logit_rows(predictor: Predictor, source: RowSource, *, progress: bool |
     native.check_not_constant()
 
 
-def _tile_logit_rows(predictor: Predictor, rows: _NativeRows | _ZoomedRows, progress: bool | None,
+def _reporter(predictor: Predictor, progress: bool | TileProgress | None, desc: str) -> TileProgress:
+    if isinstance(progress, TileProgress):
+        return progress
+    return TileProgress(desc, report=bool(predictor.progress if progress is None else progress))
+
+
+def _tile_logit_rows(predictor: Predictor, rows: _NativeRows | _ZoomedRows, progress: bool | TileProgress | None,
                      desc: str) -> Iterator[tuple[int, Tensor]]:
     """The streaming core on the model's pixel grid (``rows.shape``)."""
     h, w = rows.shape
@@ -495,32 +505,34 @@ def _tile_logit_rows(predictor: Predictor, rows: _NativeRows | _ZoomedRows, prog
     logits_acc: Tensor | None = None
     weight_acc = torch.zeros((1, cap, pw), dtype=torch.float32, device=device)
     lo = 0
-    batches: Any = zip(plan.batches, plan.final_after)
-    show = predictor.progress if progress is None else progress
-    if show:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, total=len(plan.batches), desc=desc, leave=False, unit="batch")
-    for batch, final in batches:
-        y_first, y_last = batch[0][0], batch[-1][0]
-        band = window.get(y_first, y_last + th)
-        tiles = torch.stack([band[:, y - y_first : y - y_first + th, x : x + tw] for y, x in batch])
-        out = predictor.predict_tiles(tiles)
-        if logits_acc is None:
-            logits_acc = torch.zeros((out.shape[1], cap, pw), dtype=torch.float32, device=device)
-        accumulate_tiles(logits_acc, weight_acc, out, batch, weight, offset=(lo, 0))
-        d = final - lo
-        if d <= 0:
-            continue
-        n = min(d, h - lo)
-        if n > 0:
-            block = logits_acc[:, :n, :w] / weight_acc[:, :n, :w]
-            if not torch.isfinite(block).all():
-                raise RuntimeError(f"non-finite logits (NaN/inf) from the model in rows {lo}..{lo + n}")
-            yield lo, block
-        _shift_up(logits_acc, d)
-        _shift_up(weight_acc, d)
-        lo = final
+    reporter = _reporter(predictor, progress, desc)
+    reporter.start(sum(len(b) for b in plan.batches),
+                   f"{h}x{w} px on the model grid, tile {th}x{tw}, overlap {predictor.overlap:g}, "
+                   f"batch {predictor.batch_size}")
+    try:
+        for batch, final in zip(plan.batches, plan.final_after):
+            y_first, y_last = batch[0][0], batch[-1][0]
+            band = window.get(y_first, y_last + th)
+            tiles = torch.stack([band[:, y - y_first : y - y_first + th, x : x + tw] for y, x in batch])
+            out = predictor.predict_tiles(tiles)
+            reporter.update(len(batch))
+            if logits_acc is None:
+                logits_acc = torch.zeros((out.shape[1], cap, pw), dtype=torch.float32, device=device)
+            accumulate_tiles(logits_acc, weight_acc, out, batch, weight, offset=(lo, 0))
+            d = final - lo
+            if d <= 0:
+                continue
+            n = min(d, h - lo)
+            if n > 0:
+                block = logits_acc[:, :n, :w] / weight_acc[:, :n, :w]
+                if not torch.isfinite(block).all():
+                    raise RuntimeError(f"non-finite logits (NaN/inf) from the model in rows {lo}..{lo + n}")
+                yield lo, block
+            _shift_up(logits_acc, d)
+            _shift_up(weight_acc, d)
+            lo = final
+    finally:
+        reporter.close()
 
 
 def _shift_up(acc: Tensor, d: int) -> None:
@@ -549,7 +561,7 @@ def predict_stream(
     *,
     labels_out: np.ndarray | None = None,
     probs_out: np.ndarray | MutableSequence[Any] | None = None,
-    progress: bool | None = None,
+    progress: bool | TileProgress | None = None,
     desc: str = "tiles",
 ) -> np.ndarray:
     """Argmax labels (uint8 ``H x W``) of a whole micrograph with bounded memory.
