@@ -1,7 +1,7 @@
 """Micrograph folders -> WebDataset tar shards + ``manifest.json``.
 
 ``python -m pretrain.shards INPUT... --out DIR [--maxcount 1000] [--maxsize 256MB] [--workers 2]
-[--labels folder:LEVEL | csv:PATH] [--synthetic N] [--dedupe]``
+[--labels folder:LEVEL | csv:PATH] [--synthetic N] [--dedupe] [--passthrough [--check-every 32]]``
 
 Each sample is ``<key>.png`` (8- or 16-bit gray PNG: lossless and pixel-exact, 16 bits kept; float
 images are stored as ``<key>.tif``, zlib TIFF) plus ``<key>.json`` (source path, height, width,
@@ -17,6 +17,11 @@ A rerun skips every shard whose manifest entry matches the plan (digest of its f
 and format) and whose file has the recorded size and sha256: an interrupted or partly deleted run
 resumes with only the missing shards. Unreadable or empty files, and float images with NaN/Inf
 pixels, are skipped and listed with their reason in the manifest; the run continues.
+
+Pass-through (``--passthrough``): files already in a format the loader decodes to the same pixels
+(single-page gray 8/16-bit TIFF, 8/16-bit gray PNG, gray JPEG) are copied byte for byte after a
+header check, every ``--check-every``-th one also decoded and compared (:mod:`pretrain.passthrough`);
+the rest are re-encoded. Sharding then runs at about the speed of copying the files.
 
 Duplicates: every sample's decoded pixels are hashed (sha256 of dtype, shape and pixels, 64 bits
 kept, recorded per shard). The decoded pixels, not the file bytes, because the same micrograph is
@@ -274,6 +279,7 @@ class _ShardTask:
     items: tuple[_Item, ...]
     digest: str
     drop: tuple[tuple[int, str], ...] = ()  # (index, path of the kept copy): hashed, not written
+    passthrough: int = 0  # 0: decode + re-encode every file; N: copy eligible files, decode every N-th
 
 
 def _collect(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[tuple[Path, Path]], list[dict[str, str]]]:
@@ -380,8 +386,29 @@ def pixel_hash(image: np.ndarray) -> str:
     return sha.hexdigest()[:16]
 
 
-def _sample(item: _Item) -> tuple[dict[str, Any], str]:
-    """The sample's tar members and its :func:`pixel_hash`."""
+def _passthrough_sample(item: _Item, check_every: int) -> tuple[dict[str, Any], str] | None:
+    """The sample with the file's own bytes (:mod:`pretrain.passthrough`), or None when the file
+    must be decoded and re-encoded."""
+    from pretrain.passthrough import probe, read_checked
+
+    info = probe(item.path)
+    if info is None:
+        return None
+    data, content = read_checked(item.path, info, decode=item.index % check_every == 0)
+    meta = {
+        "source": item.path, "key": item.key, "index": item.index, "height": info.height, "width": info.width,
+        "dtype": info.dtype, "bit_depth": info.bit_depth, "pixel_size_nm": info.pixel_size_nm, "format": info.ext,
+        "label": item.label, "label_index": item.label_index, "passthrough": True,
+    }
+    return {"__key__": item.key, info.ext: data, "json": json.dumps(meta).encode()}, content
+
+
+def _sample(item: _Item, passthrough: int = 0) -> tuple[dict[str, Any], str]:
+    """The sample's tar members and its :func:`pixel_hash` (pass-through: see :func:`_passthrough_sample`)."""
+    if passthrough:
+        copied = _passthrough_sample(item, passthrough)
+        if copied is not None:
+            return copied
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mg = read_micrograph(item.path, gray=True)
@@ -419,7 +446,7 @@ def _write_shard(task: _ShardTask) -> ShardEntry:
             with wds.TarWriter(sink, encoder=False, mtime=_TAR_MTIME) as writer:
                 for item in task.items:
                     try:
-                        sample, content = _sample(item)
+                        sample, content = _sample(item, task.passthrough)
                     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and listed
                         reason = exc.reason if isinstance(exc, ImageReadError) else f"{type(exc).__name__}: {exc}"
                         skipped.append({"path": item.path, "reason": reason})
@@ -475,6 +502,8 @@ def write_shards(
     verify: bool = True,
     progress: bool = True,
     dedupe: bool = False,
+    passthrough: bool = False,
+    check_every: int = 32,
 ) -> Manifest:
     """Write (or complete) the shards of ``files_or_dirs`` in ``out_dir`` and return the manifest.
 
@@ -482,7 +511,14 @@ def write_shards(
     (matching plan digest, size and, with ``verify``, sha256) are kept as they are. Images with the
     pixels of an earlier one are listed in ``manifest.duplicates``; ``dedupe`` leaves them out of
     the shards (those shards are rewritten once all hashes are known; see the module docstring).
+
+    ``passthrough``: gray 8/16-bit single-page TIFF, PNG and gray JPEG files are copied into the shards
+    byte for byte after a header check; every ``check_every``-th is also decoded and compared with
+    what the loader will decode (:mod:`pretrain.passthrough`); other files are re-encoded as usual.
+    The plan then sizes shards by file sizes (one ``stat`` per file instead of a header read).
     """
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
     maxsize = parse_size(maxsize)
@@ -509,7 +545,8 @@ def write_shards(
     if not items:
         logger.warning("no images found in %s", ", ".join(str(p) for p in files_or_dirs))
     options = {"maxcount": maxcount, "maxsize": maxsize, "labels": str(spec) if spec is not None else None,
-               "dedupe": dedupe}
+               "dedupe": dedupe, **({"passthrough": True, "check_every": check_every} if passthrough else {})}
+    mode = check_every if passthrough else 0
 
     previous: dict[str, ShardEntry] = {}
     if (out / MANIFEST_NAME).is_file():
@@ -520,12 +557,17 @@ def write_shards(
 
     pool = _pool(workers) if workers > 1 and len(items) > 1 else None
     try:
-        sizes = list(pool.imap(_estimate_bytes, (Path(it.path) for it in items), chunksize=64)) if pool \
-            else [_estimate_bytes(Path(it.path)) for it in items]
+        if passthrough:
+            sizes = [Path(it.path).stat().st_size + _SAMPLE_OVERHEAD for it in items]
+        elif pool:
+            sizes = list(pool.imap(_estimate_bytes, (Path(it.path) for it in items), chunksize=64))
+        else:
+            sizes = [_estimate_bytes(Path(it.path)) for it in items]
         tasks = []
         for shard, (start, stop) in enumerate(_chunks(sizes, maxcount, maxsize)):
             chunk = tuple(items[start:stop])
-            tasks.append(_ShardTask(SHARD_PATTERN % shard, str(out), chunk, _digest(chunk, {"labels": vocabulary})))
+            how = {"labels": vocabulary, **({"passthrough": mode} if mode else {})}
+            tasks.append(_ShardTask(SHARD_PATTERN % shard, str(out), chunk, _digest(chunk, how), passthrough=mode))
 
         entries: dict[str, ShardEntry] = {}
         todo = []
@@ -659,6 +701,11 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
     parser.add_argument("--dedupe", action="store_true",
                         help="leave out images whose pixels repeat an earlier file's (default: keep them and "
                              "only list them under 'duplicates' in the manifest)")
+    parser.add_argument("--passthrough", action="store_true",
+                        help="copy gray 8/16-bit TIFF/PNG/JPEG files as they are (header checked, every "
+                             "--check-every-th decoded and compared) instead of re-encoding them as PNG")
+    parser.add_argument("--check-every", type=int, default=32, metavar="N",
+                        help="with --passthrough: decode and compare every N-th file (1 = all; default 32)")
     parser.add_argument("--no-verify", action="store_true",
                         help="trust existing shards' sizes without re-hashing them on resume")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -681,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
             labels = LabelSpec("folder", level=1)
     manifest = write_shards(inputs, args.out, maxcount=args.maxcount, maxsize=maxsize, workers=args.workers,
                             labels=labels, verify=not args.no_verify, progress=not args.quiet,
-                            dedupe=args.dedupe)
+                            dedupe=args.dedupe, passthrough=args.passthrough, check_every=args.check_every)
     n_dup = len(manifest.duplicates)
     print(f"{manifest.total_samples} samples in {len(manifest.shards)} shards, "
           f"{len(manifest.all_skipped)} file(s) skipped, {n_dup} duplicate(s) "
