@@ -23,6 +23,13 @@ run the same `TwoViews` object:
 224 px, scale (0.2, 1.0), 1 channel, mean 0.5 / std 0.25 (the config defaults used by
 `pretrain.train.build_views` for SimCLR/MoCo/BYOL; `--views multicrop` gives DINO's 2x224 + 6x96).
 
+Since issue 16 the training loop splits the views (`data.device_augment=true`, the default): the
+workers cut the crops (`photometric=False`) and `pretrain.device_augment.PhotometricAugment` applies
+jitter, gamma, blur, noise and normalisation to whole batches on the training device. Here there is
+no GPU, so ours applies it to every batch in the main process on the CPU, inside the timing (a GPU
+would take that work off the CPU entirely); the peer keeps the whole `TwoViews` per image in its
+workers, as a torchvision user would. `--no-device-augment` measures the old all-in-workers way.
+
 Each measurement builds a fresh loader, drops `--warmup` batches (worker start, our 4 x 32-sample
 cross-worker mix buffer filling), then times `--batches` batches of 32; images/s = 32 x batches /
 wall (keep both multiples of the worker count: workers deliver batches in step). Ours and the peer
@@ -155,13 +162,14 @@ def read_gray(path: str) -> np.ndarray:
     return read_micrograph(path, gray=True).image
 
 
-def make_views(kind: str):
-    """The recipe's views from the config defaults (as ``pretrain.train.build_views``)."""
+def make_views(kind: str, photometric: bool = True):
+    """The recipe's views from the config defaults (as ``pretrain.train.build_views``); with
+    ``photometric=False`` the crops only (the rest: ``pretrain.device_augment.PhotometricAugment``)."""
     from pretrain.config import DataConfig, EncoderConfig, ViewsConfig
     from pretrain.views import MultiCrop, TwoViews
 
     v, d = ViewsConfig(), DataConfig()
-    common = dict(channels=EncoderConfig().in_chans, mean=d.mean, std=d.std)
+    common = dict(channels=EncoderConfig().in_chans, mean=d.mean, std=d.std, photometric=photometric)
     if kind == "multicrop":
         return MultiCrop(224, 96, 6, tuple(v.global_scale), tuple(v.local_scale), **common)
     return TwoViews(224, tuple(v.two_view_scale), **common)
@@ -190,15 +198,21 @@ def views_of(batch: Any) -> list:
     return batch.views if hasattr(batch, "views") else batch[0]
 
 
-def images_per_s(loader, warmup: int, batches: int, n_views: int) -> float:
+def images_per_s(loader, warmup: int, batches: int, n_views: int, augment=None) -> float:
+    """Images/s of ``batches`` batches after ``warmup``; ``augment`` (ours with the photometric half
+    split off) is applied to every batch in this process, inside the timing, as the training loop
+    does on its device (here the CPU: the conservative case; on a GPU it leaves the CPU entirely)."""
     iterator = iter(loader)
+    finish = (lambda b: augment(b.views)) if augment is not None else (lambda b: views_of(b))  # noqa: E731
     try:
         for _ in range(warmup):
-            next(iterator)
+            finish(next(iterator))
         t0 = time.perf_counter()
         for _ in range(batches):
             batch = next(iterator)
+            out = finish(batch)
         wall = time.perf_counter() - t0
+        batch = batch._replace(views=out) if augment is not None else batch
         views = views_of(batch)
         assert len(views) == n_views and views[0].shape[0] == BATCH and views[0].shape[-1] == 224, \
             [tuple(v.shape) for v in views]
@@ -226,6 +240,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of the main process, both sides (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-device-augment", dest="device_augment", action="store_false",
+                        help="ours applies every augmentation per image in the workers (data.device_augment=false)")
+    parser.add_argument("--passthrough", action="store_true", help="write our shards with --passthrough")
     parser.add_argument("--corpus", type=Path, help="build/reuse the image folder and shards here (kept)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here (e.g. bench/results/)")
     args = parser.parse_args()
@@ -244,13 +261,21 @@ def main() -> None:
         t0 = time.perf_counter()
         info = build_corpus(base / "images", args.n, args.n16, args.size, args.seed, real=not args.no_real)
         t1 = time.perf_counter()
-        manifest = write_shards([base / "images"], base / "shards", maxcount=64, workers=2, progress=False)
+        manifest = write_shards([base / "images"], base / "shards", maxcount=64, workers=2, progress=False,
+                                passthrough=args.passthrough)
         print(f"corpus: {info['files']} files {info['counts']}, {info['bytes'] / 1e6:.1f} MB "
               f"({t1 - t0:.0f} s); shards: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
               f"{manifest.total_bytes / 1e6:.1f} MB ({time.perf_counter() - t1:.0f} s)", flush=True)
         if manifest.total_samples != info["files"]:
             raise SystemExit(f"sharding skipped files: {manifest.all_skipped}")
         views = make_views(args.views)
+        if args.device_augment:
+            from pretrain.device_augment import PhotometricAugment
+
+            our_views = make_views(args.views, photometric=False)
+            augment = PhotometricAugment.for_views(our_views)
+        else:
+            our_views, augment = views, None
         n_views = 2 if args.views == "two" else 8
         steps = args.warmup + args.batches
         runs: dict[int, dict[str, list[float]]] = {w: {"ours": [], "peer": []} for w in args.workers}
@@ -258,9 +283,10 @@ def main() -> None:
             for w in args.workers:
                 order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
                 for name in order:
-                    loader = (ours(base / "shards", views, w, steps, args.seed + r) if name == "ours"
+                    loader = (ours(base / "shards", our_views, w, steps, args.seed + r) if name == "ours"
                               else peer(base / "images", views, w, steps, args.seed + r))
-                    rate = images_per_s(loader, args.warmup, args.batches, n_views)
+                    rate = images_per_s(loader, args.warmup, args.batches, n_views,
+                                        augment if name == "ours" else None)
                     del loader
                     gc.collect()
                     runs[w][name].append(rate)
@@ -274,7 +300,9 @@ def main() -> None:
         a, b = statistics.median(runs[w]["ours"]), statistics.median(runs[w]["peer"])
         lines.append(f"| {w} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
     table = "\n".join(lines)
-    header = (f"Input pipeline, {args.views} views at 224 px, batch {BATCH}, {args.batches} timed batches after "
+    split = ("ours: crops in the workers, photometric half batched in the main process (CPU), timed"
+             if args.device_augment else "ours: every augmentation per image in the workers")
+    header = (f"Input pipeline ({split}), {args.views} views at 224 px, batch {BATCH}, {args.batches} timed batches after "
               f"{args.warmup} warm-up, median of {args.repeats}; main-process torch threads "
               f"{torch.get_num_threads()}; corpus {info['files']} files "
               f"{info['counts']}; torch {torch.__version__}, torchvision {torchvision.__version__}, "

@@ -16,7 +16,10 @@ shard, fsync + rename, manifest. W = 1 runs in this process; W = 2 starts a 'spa
 is part of the time). Peer: `tar -c -h -f out.tar -C folder .` (links followed) plus an fsync of the
 archive, so both sides end with data on disk; tar only copies bytes. The ratio ours/tar is therefore
 the price of the lossless re-encode, checksums and the resumable plan, not of a slower tar writer.
-The three writers alternate (order rotated every repeat); the table gives the median of `--repeats`.
+`--passthrough-workers 1` (default) adds `write_shards(..., passthrough=True, check_every=--check-every)`:
+gray 8/16-bit TIFF/PNG/JPEG bytes copied after a header check, every N-th file decoded and compared
+with the loader's decoding, the rest (here the NASA RGB-with-equal-channels TIFFs) re-encoded.
+The writers alternate (order rotated every repeat); the table gives the median of `--repeats`.
 
 ``--png-levels 6 1`` adds an encode-only table: `pretrain.shards._encode` of every corpus image (gray,
 native dtype) at each zlib level, levels alternating, median of `--repeats`: MB/s of raw pixels and
@@ -39,11 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from input_pipeline import build_corpus, machine_line  # noqa: E402  (sibling script)
 
 
-def run_ours(images: Path, out: Path, workers: int, maxcount: int) -> tuple[float, int, int]:
+def run_ours(images: Path, out: Path, workers: int, maxcount: int, passthrough: bool = False,
+             check_every: int = 32) -> tuple[float, int, int]:
     from pretrain.shards import write_shards
 
     t0 = time.perf_counter()
-    manifest = write_shards([images], out, maxcount=maxcount, workers=workers, progress=False)
+    manifest = write_shards([images], out, maxcount=maxcount, workers=workers, progress=False,
+                            passthrough=passthrough, check_every=check_every)
     wall = time.perf_counter() - t0
     return wall, manifest.total_bytes, manifest.total_samples
 
@@ -107,12 +112,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, help="build/reuse the image folder here (kept)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here (e.g. bench/results/)")
+    parser.add_argument("--passthrough-workers", type=int, nargs="*", default=[1],
+                        help="also time write_shards --passthrough with these worker counts (none: leave it out)")
+    parser.add_argument("--check-every", type=int, default=32, help="--passthrough: decode every N-th file")
     parser.add_argument("--png-levels", type=int, nargs="+", help="also time the PNG encoding alone at these zlib levels")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_shards_"))
     images = (args.corpus or tmp) / "images"
-    writers = [("write_shards", w) for w in args.workers] + [("tar", 0)]
+    writers = ([("write_shards", w) for w in args.workers] + [("passthrough", w) for w in args.passthrough_workers]
+               + [("tar", 0)])
     runs: dict[str, list[float]] = {f"{name}/{w}": [] for name, w in writers}
     sizes: dict[str, int] = {}
     try:
@@ -134,7 +143,8 @@ def main() -> None:
                 if name == "tar":
                     wall, size, samples = run_tar(images, out.with_suffix(".tar"))
                 else:
-                    wall, size, samples = run_ours(images, out, w, args.maxcount)
+                    wall, size, samples = run_ours(images, out, w, args.maxcount, name == "passthrough",
+                                                   args.check_every)
                     if samples != info["files"]:
                         raise SystemExit(f"write_shards wrote {samples} of {info['files']} files")
                 key = f"{name}/{w}"
@@ -151,7 +161,10 @@ def main() -> None:
     lines = ["| writer | workers | wall s | input MB/s | output MB | ours / tar |", "|---|---|---|---|---|---|"]
     for name, w in writers:
         wall = statistics.median(runs[f"{name}/{w}"])
-        label = "`write_shards` (PNG re-encode + sha256 + fsync)" if name != "tar" else "`tar -c -h` + fsync"
+        label = {"write_shards": "`write_shards` (PNG re-encode + sha256 + fsync)",
+                 "passthrough": f"`write_shards --passthrough` (copy + header check, 1/{args.check_every} decoded, "
+                                "sha256 + fsync)",
+                 "tar": "`tar -c -h` + fsync"}[name]
         lines.append(f"| {label} | {w if name != 'tar' else '-'} | {wall:.2f} | {mb / wall:.1f} | "
                      f"{sizes[f'{name}/{w}'] / 1e6:.1f} | {mb / wall / tar_rate:.3f} |")
     table = "\n".join(lines)

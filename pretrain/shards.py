@@ -47,6 +47,7 @@ import multiprocessing.pool
 import os
 import re
 import sys
+import tarfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -368,6 +369,43 @@ class _HashingWriter:
         self.raw.flush()
 
 
+class _TarStream:
+    """What ``wds.TarWriter(fileobj, encoder=False, mtime=_TAR_MTIME)`` writes (PAX members, mode 0444,
+    owner bigdata, stream padding to whole 10 KiB records), byte for byte, with three writes per member
+    instead of tarfile's 10 KiB-chunked copy (a third of the time of pass-through sharding went there)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.size = raw, 0
+
+    def __enter__(self) -> _TarStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _put(self, data: bytes) -> None:
+        if data:
+            self.raw.write(data)
+            self.size += len(data)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for field in sorted(sample):  # members in sorted order, as webdataset writes them
+            if field.startswith("__"):
+                continue
+            value = sample[field]
+            data = value if isinstance(value, bytes) else bytes(value)
+            info = tarfile.TarInfo(f"{key}.{field}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), _TAR_MTIME, 0o444, "bigdata", "bigdata"
+            self._put(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+            self._put(data)
+            self._put(b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        self._put(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self._put(b"\0" * (-self.size % tarfile.RECORDSIZE))
+
+
 def _encode(image: np.ndarray) -> tuple[str, bytes]:
     """Lossless gray encoding: PNG for uint8/uint16 (16 bits kept), zlib TIFF for anything else."""
     buf = io.BytesIO()
@@ -443,7 +481,7 @@ def _write_shard(task: _ShardTask) -> ShardEntry:
     try:
         with tmp.open("wb") as raw:
             sink = _HashingWriter(raw)
-            with wds.TarWriter(sink, encoder=False, mtime=_TAR_MTIME) as writer:
+            with _TarStream(sink) as writer:
                 for item in task.items:
                     try:
                         sample, content = _sample(item, task.passthrough)

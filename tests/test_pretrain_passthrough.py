@@ -84,3 +84,19 @@ def test_a_corrupt_file_that_is_decoded_is_skipped_and_listed(folder, tmp_path):
                                passthrough=True, check_every=1)
     assert [s["path"].rsplit("/", 1)[-1] for s in manifest.all_skipped] == ["p8.png"]
     assert manifest.total_samples == 6
+
+
+def test_tar_stream_writes_what_webdataset_writes_byte_for_byte():
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    samples = [{"__key__": f"{i:08d}_k", "png": rng.integers(0, 256, 700 + 5000 * i, dtype=np.uint8).tobytes(),
+                "json": b'{"i": %d}' % i} for i in range(5)]
+    a, b = io.BytesIO(), io.BytesIO()
+    with wds.TarWriter(a, encoder=False, mtime=sh._TAR_MTIME) as writer:
+        for s in samples:
+            writer.write(s)
+    with sh._TarStream(b) as writer:
+        for s in samples:
+            writer.write(s)
+    assert a.getvalue() == b.getvalue()
