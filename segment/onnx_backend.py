@@ -145,4 +145,5 @@ def onnx_predictor(checkpoint: str | os.PathLike[str], onnx_path: str | os.PathL
                              metadata=info, atol=atol)
         logger.info("exported %s", report)
     predictor.model = OnnxModule(path, weights_sha256=weights_digest(model), threads=threads)
+    predictor.feature_model = model  # the PyTorch network, for segment.ood's encoder features
     return predictor

@@ -23,6 +23,8 @@ without its suffix; the README written there states every choice and column):
 * ``figures/fractions.png``: per-image phase fractions and the folder's with its 95 % interval;
 * ``failures.csv``: images that failed and why;
 * ``records/KEY.json``: what the folder tables need of one image, written last (see below);
+* ``ood/KEY.csv``, ``ood/KEY.png`` (with an OOD summary, :mod:`segment.ood`): per-tile OOD scores
+  and their map; images.csv then has the image's score and flag, and flagged images are warned about;
 * ``model.onnx`` (``--backend onnx`` without ``--onnx-file``): the checkpoint exported for
   onnxruntime (:mod:`segment.onnx_backend`), checked against it and reused by reruns.
 
@@ -71,6 +73,7 @@ from segment.checkpoint import atomic_write_text
 from segment.databar import detect_databar
 from segment.infer import Predictor
 from segment.onnx_backend import BACKENDS, onnx_predictor, weights_digest
+from segment.ood import EntropyTiles, OODSummary, tile_features
 from segment.progress import TileProgress, format_seconds
 from segment.quantify import (
     PARTICLE_COLUMNS,
@@ -103,7 +106,8 @@ PNG_MAX_SIDE = 4096
 """Masks with a longer side are written as deflate TIFF (PNG writers and viewers struggle)."""
 
 IMAGE_COLUMNS = ("image", "path", "height", "width", "databar_rows", "analysed_height",
-                 "pixel_size_nm", "pixel_size_source", "zoom", "seconds", "model_tiles", "mask")
+                 "pixel_size_nm", "pixel_size_source", "zoom", "seconds", "model_tiles",
+                 "ood_score", "ood_threshold", "flagged", "ood_tiles_flagged", "ood_knn", "mean_entropy", "mask")
 
 
 @dataclass
@@ -195,7 +199,14 @@ class ImageResult:
                     pixel_size_nm=self.pixel_size_nm if self.pixel_size_nm is not None else "",
                     pixel_size_source=self.pixel_size_source, zoom=round(self.zoom, 6),
                     seconds=round(self.seconds, 2), model_tiles=self.model_tiles or "",
-                    mask=str(self.outputs.get("mask", "")))
+                    **self._ood_columns(), mask=str(self.outputs.get("mask", "")))
+
+    def _ood_columns(self) -> dict[str, Any]:
+        o = self.ood
+        if not o:
+            return {}
+        return dict(ood_score=o["score"], ood_threshold=o["threshold"], flagged=int(o["flagged"]),
+                    ood_tiles_flagged=f"{o['tiles_flagged']}/{o['tiles']}", ood_knn=o["knn"], mean_entropy=o["entropy"])
 
 
 @dataclass
@@ -350,8 +361,9 @@ def image_zoom(predictor: Predictor, pixel_size_nm: float | None, match: bool = 
 
 
 def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                  options: PredictOptions, key: str | None = None) -> ImageResult:
-    """Segment, crop, quantify and write the outputs of one image (see the module docstring)."""
+                  options: PredictOptions, key: str | None = None, ood: OODSummary | None = None) -> ImageResult:
+    """Segment, crop, quantify and write the outputs of one image (see the module docstring);
+    with ``ood`` (:mod:`segment.ood`), also its OOD score per tile and per image."""
     t0 = time.perf_counter()
     path, out_dir = Path(path), Path(out_dir)
     key = key or path.stem
@@ -382,18 +394,28 @@ def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: s
                     outputs["probabilities"], (len(names), h, w),
                     metadata={"axes": "CYX", "classes": names, "values": "softmax probability x 255"}))
             tiles_done = TileProgress(key, report=options.progress)
-            labels = predict_stream(predictor, source, probs_out=probs, progress=tiles_done, desc=key)
+            entropy = EntropyTiles((h, w), ood.tile) if ood is not None else None
+            labels = predict_stream(predictor, source, probs_out=probs, progress=tiles_done, desc=key,
+                                    on_logits=entropy)
         if int(labels.max(initial=0)) >= len(names):
             raise ValueError(f"the model predicts class {int(labels.max())} but only {len(names)} "
                              f"class names are known {names}")
         outputs["mask"] = _write_mask(out_dir / "masks" / key, labels, pixel_size, options.mask_format)
-        if options.overlays:
-            from segment.overlay import contrast_stretch, overlay
+        thumb = stride = None
+        if options.overlays or ood is not None:
+            from segment.overlay import contrast_stretch
 
             thumb, stride = thumbnail(source, options.overlay_max_side)
-            rgb = overlay(contrast_stretch(thumb), labels[::stride, ::stride], options.colors,
-                          background=options.background)
+            thumb = contrast_stretch(thumb)
+        if options.overlays:
+            from segment.overlay import overlay
+
+            rgb = overlay(thumb, labels[::stride, ::stride], options.colors, background=options.background)
             outputs["overlay"] = _write_png(out_dir / "overlays" / f"{key}.png", rgb)
+        ood_result = None
+        if ood is not None:
+            assert entropy is not None
+            ood_result = _ood_outputs(predictor, source, ood, entropy, out_dir, key, outputs, (thumb, stride))
 
     summaries, table = quantify_labels(labels, names, options.particle_indices, scale=scale,
                                        watershed=options.watershed, h=options.watershed_h, image=key)
@@ -403,18 +425,49 @@ def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: s
     return ImageResult(path=path, key=key, height=h, width=w, databar_rows=bar_rows, pixel_size_nm=pixel_size,
                        pixel_size_source=ps_source, zoom=predictor.zoom, seconds=time.perf_counter() - t0, summaries=summaries,
                        outputs=outputs, tiles=tiles, model_tiles=tiles_done.done,
-                       inference_seconds=tiles_done.seconds)
+                       inference_seconds=tiles_done.seconds, ood=ood_result)
+
+
+OOD_TILE_COLUMNS = ("tile_y", "tile_x", "tile_h", "tile_w", "knn_distance", "mean_entropy", "ood_score", "flagged")
+
+
+def _ood_outputs(predictor: Predictor, source: RowSource, ood: OODSummary, entropy: EntropyTiles, out_dir: Path,
+                 key: str, outputs: dict[str, Path], preview: tuple[Any, Any]) -> dict[str, Any]:
+    """Score one image's tiles (:mod:`segment.ood`), write ``ood/KEY.csv`` and the map ``ood/KEY.png``;
+    returns the image's numbers (score = mean tile score, flagged above the threshold)."""
+    from segment.ood_figure import score_map_figure
+
+    model = getattr(predictor, "feature_model", None) or predictor.model  # the ONNX backend keeps its PyTorch twin
+    origins, feats = tile_features(predictor, model, source, ood.tile)
+    knn, ent = ood.knn(feats), entropy.means().ravel()
+    scores = ood.combine(knn, ent)
+    h, w = source.shape
+    rows = [dict(tile_y=y, tile_x=x, tile_h=min(ood.tile, h - y), tile_w=min(ood.tile, w - x), knn_distance=k,
+                 mean_entropy=e, ood_score=c, flagged=bool(c > ood.threshold))
+            for (y, x), k, e, c in zip(origins, knn, ent, scores, strict=True)]
+    outputs["ood_tiles"] = _write_csv(out_dir / "ood" / f"{key}.csv", OOD_TILE_COLUMNS, rows)
+    thumb, stride = preview
+    try:
+        outputs["ood_map"] = score_map_figure(out_dir / "ood" / f"{key}.png", thumb, stride, (h, w), origins,
+                                              ood.tile, scores, ood.threshold, key)
+    except Exception as exc:  # noqa: BLE001 - a figure must not cost the image its numbers
+        logger.warning("%s: OOD map not written (%s)", key, exc)
+    score = float(np.mean(scores))
+    return dict(score=score, knn=float(np.mean(knn)), entropy=entropy.image_mean(), threshold=float(ood.threshold),
+                flagged=bool(score > ood.threshold), tiles=len(rows), tiles_flagged=int(sum(r["flagged"] for r in rows)))
 
 
 # ----------------------------------------------------------------------------- folder
 def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os.PathLike[str],
                   options: PredictOptions, *, failures: Sequence[tuple[str, str]] = (),
                   settings: Mapping[str, Any] | None = None, overwrite: bool = False,
-                  bootstrap: Bootstrap | None = None) -> RunResult:
+                  bootstrap: Bootstrap | None = None, ood: OODSummary | None = None) -> RunResult:
     """Run :func:`predict_image` over ``paths``, then write the folder tables, histograms and README.
 
     ``bootstrap``: how the confidence intervals of the pooled rows are computed
     (:mod:`segment.uncertainty`; default 95 % bootstrap t interval, B = 2000, seed 0).
+    ``ood``: the checkpoint's OOD summary (:mod:`segment.ood`); each image then gets its score, and
+    the images above the threshold are named in a warning.
 
     A failing image is logged with its path and reason and recorded; the others go on.
     ``failures`` are earlier ones (inputs that matched nothing) to list with them. Images that an
@@ -427,7 +480,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os
         logger.info("removed %d temporary file(s) an interrupted earlier run left in %s", removed, out_dir)
     failed = list(failures)
     keys = output_keys(paths)
-    fingerprint = run_fingerprint(predictor, options)
+    fingerprint = run_fingerprint(predictor, options, ood)
     done = {} if overwrite else _completed(paths, keys, out_dir, fingerprint)
     skipped = [keys[p] for p in paths if p in done]
     items: Iterable[Path] = [p for p in paths if p not in done]
@@ -438,7 +491,7 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os
     todo = len(paths) - len(skipped)
     for i, path in enumerate(items, 1):
         try:
-            done[path] = _predict_recorded(predictor, path, out_dir, options, keys[path], fingerprint)
+            done[path] = _predict_recorded(predictor, path, out_dir, options, keys[path], fingerprint, ood)
             logger.info("%s", done[path].log_line(i, todo))
         except KeyboardInterrupt:
             logger.warning("interrupted: %d of %d image(s) complete in %s; the same command resumes there",
@@ -471,6 +524,10 @@ def predict_paths(predictor: Predictor, paths: Sequence[Path], out_dir: str | os
     atomic_write_text(out_dir / "README.md", _readme(options, results, failed, settings or {},
                                                            _resampling(predictor, options), len(skipped),
                                                            bootstrap=bootstrap))
+    if flagged := [r.key for r in results if r.ood and r.ood["flagged"]]:
+        logger.warning("%d of %d image(s) look out of distribution for this model (OOD score above %.3g; "
+                       "images.csv, ood/KEY.png show where): %s. Check their masks before trusting their numbers.",
+                       len(flagged), len(results), ood.threshold if ood else float("nan"), ", ".join(flagged))
     if failed:
         logger.error("%d of %d input(s) failed (listed in %s):\n%s", len(failed), len(paths) + len(failures),
                      out_dir / "failures.csv", "\n".join(f"  {p}: {e}" for p, e in failed))
@@ -496,7 +553,7 @@ def _input_id(path: Path) -> dict[str, int] | None:
     return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
-def run_fingerprint(predictor: Predictor, options: PredictOptions) -> str:
+def run_fingerprint(predictor: Predictor, options: PredictOptions, ood: OODSummary | None = None) -> str:
     """A hash of everything that decides an image's outputs: the model's weights and ``model.json``,
     the inference settings and ``options`` (not the device, batch size or progress bars). An ONNX
     backend's masks may differ from PyTorch's on a few pixels, so the backend counts too."""
@@ -510,6 +567,9 @@ def run_fingerprint(predictor: Predictor, options: PredictOptions) -> str:
     )
     if (backend := getattr(model, "backend", "torch")) != "torch":  # torch runs keep their older fingerprints
         what["backend"] = backend
+    if ood is not None:
+        what["ood"] = dict(threshold=ood.threshold, k=ood.k, tile=ood.tile, scales=(ood.knn_scale, ood.entropy_scale),
+                           bank=hashlib.sha256(np.ascontiguousarray(ood.bank).tobytes()).hexdigest())
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -545,6 +605,8 @@ def _write_record(out_dir: Path, result: ImageResult, source: dict[str, int] | N
                   summaries=[_summary_json(s) for s in result.summaries])
     if result.tiles is not None:  # optional: records without it (written before issue 17) stay valid
         record["tiles"] = result.tiles
+    if result.ood is not None:
+        record["ood"] = result.ood
     atomic_write_text(_record_path(out_dir, result.key), json.dumps(record, allow_nan=False))
 
 
@@ -566,7 +628,7 @@ def _read_record(out_dir: Path, path: Path, key: str, fingerprint: str) -> tuple
             return None, "outputs missing"
         summaries = [_summary_from_json(s) for s in record["summaries"]]
         return ImageResult(path=path, key=key, summaries=summaries, outputs=outputs, tiles=record.get("tiles"),
-                           **record["image"]), "done"
+                           ood=record.get("ood"), **record["image"]), "done"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.debug("%s: unreadable (%s)", record_path, exc)
         return None, "record unreadable"
@@ -593,12 +655,12 @@ def _completed(paths: Sequence[Path], keys: Mapping[Path, str], out_dir: Path,
 
 
 def _predict_recorded(predictor: Predictor, path: Path, out_dir: Path, options: PredictOptions, key: str,
-                      fingerprint: str) -> ImageResult:
+                      fingerprint: str, ood: OODSummary | None = None) -> ImageResult:
     """:func:`predict_image` bracketed by its record: removed before any output is touched, written
     after all of them, so that a record always means complete outputs."""
     _record_path(out_dir, key).unlink(missing_ok=True)
     source = _input_id(path)
-    result = predict_image(predictor, path, out_dir, options, key=key)
+    result = predict_image(predictor, path, out_dir, options, key=key, ood=ood)
     _write_record(out_dir, result, source, fingerprint)
     return result
 
@@ -700,9 +762,7 @@ def _fractions_figure(path: Path, options: PredictOptions, results: Sequence[Ima
                           high=[c.get("area_fraction_ci_high", nan) for c in ci],
                           over=str(ci[0].get("ci_over", "images")) if ci else "images",
                           tile_fractions=tile_fractions, method=bootstrap.describe()))
-    # Hook for a per-image quality flag (issue 17): images whose images.csv row carries a true
-    # "flagged" value are marked. ImageResult.row() has no such column yet, so none are.
-    flagged = {r.key for r in results if r.row().get("flagged")}
+    flagged = {r.key for r in results if r.ood and r.ood["flagged"]}  # OOD flag (segment.ood)
     try:
         return fractions_figure(path, names, fractions, bands, colors=options.colors, flagged=flagged,
                                 level=bootstrap.level)
@@ -800,7 +860,11 @@ def _readme(options: PredictOptions, results: Sequence[ImageResult], failed: Seq
         "- figures/fractions.png: per class, each image's area fraction (dots) and the folder fraction (line)",
         "  with its confidence interval (band); for one image, its tiles' fractions (grey dots).",
         "- images.csv: size, data-bar rows, pixel size and its source, zoom, seconds and model_tiles (tiles the",
-        "  model ran on) per image; the log has one line per image (time, tiles/s, fractions).",
+        "  model ran on) per image; the log has one line per image (time, tiles/s, fractions, OOD score).",
+        "- With an OOD summary (segment.ood): images.csv ood_score (mean of the tiles' scores; about 1 in",
+        "  distribution), ood_threshold, flagged (1 = score above the threshold: the image looks unlike the",
+        "  training images, check its mask), ood_tiles_flagged, ood_knn (k-NN feature distance), mean_entropy",
+        "  (mean predictive entropy, nats); ood/KEY.csv the same per tile; ood/KEY.png the per-tile map.",
         "- histograms/ecd_CLASS.png: pooled ECD histogram of the border-free particles of each particle class.",
         "- records/KEY.json: per image, what the tables above need; written after all of the image's outputs.",
         "  A rerun on this folder skips the images whose record matches (same input file, model and settings)",
@@ -887,6 +951,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="interval from the bootstrap resamples: t (default: estimate +- t(n-1) x bootstrap SE, "
                         "95 %% coverage held down to 5 images, BENCHMARKS.md), percentile or bca (too narrow "
                         "for folders of few images)")
+    d = p.add_argument_group("out-of-distribution score (segment.ood)")
+    dx = d.add_mutually_exclusive_group()
+    dx.add_argument("--ood", type=Path, default=None, metavar="FOLDER",
+                    help="folder with the model's ood.json + ood.safetensors (default: the checkpoint folder's, "
+                         "when it has them; python -m segment.ood fits one)")
+    dx.add_argument("--no-ood", action="store_true", help="no OOD score even if the checkpoint has a summary")
     o = p.add_argument_group("outputs")
     o.add_argument("--mask-format", choices=["auto", "png", "tif"], default="auto",
                    help=f"mask file format (auto: PNG up to {PNG_MAX_SIDE} px on the longest side, else TIFF)")
@@ -922,6 +992,25 @@ def _class_info(meta: Mapping[str, Any], num_classes: int | None) -> tuple[list[
         tab = colormaps["tab10"].colors
         colors = [[int(round(255 * v)) for v in tab[i % len(tab)]] for i in range(len(names))]
     return names, [[int(v) for v in c] for c in colors], background
+
+
+def _load_ood(args: argparse.Namespace) -> OODSummary | None:
+    """The OOD summary ``--ood`` names, else the checkpoint folder's if it has one, else None."""
+    from segment.checkpoint import resolve_checkpoint
+    from segment.ood import META_FILE, load
+
+    if args.no_ood:
+        return None
+    folder = args.ood
+    if folder is None:
+        folder = resolve_checkpoint(args.checkpoint)
+        if not (folder / META_FILE).is_file():
+            logger.info("no OOD summary in %s: no OOD score (python -m segment.ood fits one)", folder)
+            return None
+    try:
+        return load(folder)
+    except ValueError as exc:
+        raise SystemExit(f"--ood: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -967,6 +1056,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bootstrap = Bootstrap(resamples=args.ci_resamples, seed=args.ci_seed, method=args.ci_method)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    ood = _load_ood(args)
     paths, failures = expand_inputs(args.inputs)
     if not paths:
         for spec, why in failures:
@@ -983,12 +1073,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model grid pixel size (nm)": predictor.meta.get("model_pixel_size_nm"),
         "device": device, "amp": args.amp or "off",
         "backend": f"onnxruntime (CPU), {onnx_file}" if onnx else "torch",
+        "OOD score": (f"k-NN (k={ood.k}) + entropy per {ood.tile}px tile, threshold {ood.threshold:.4g} "
+                      f"({ood.meta.get('quantile', 0.95):.0%} of {ood.meta.get('val_tiles', '?')} validation tiles)"
+                      if ood else "none (the checkpoint has no ood.json)"),
     }
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():
         result = predict_paths(predictor, paths, args.out, options, failures=failures, settings=readme_settings,
-                               overwrite=args.overwrite, bootstrap=bootstrap)
+                               overwrite=args.overwrite, bootstrap=bootstrap, ood=ood)
     logger.info("wrote %s: %d image(s), %d failure(s)", args.out, len(result.images), len(result.failures))
     return 0 if result.ok else 1
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, MutableSequence
+from collections.abc import Callable, Iterator, MutableSequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -563,6 +563,7 @@ def predict_stream(
     probs_out: np.ndarray | MutableSequence[Any] | None = None,
     progress: bool | TileProgress | None = None,
     desc: str = "tiles",
+    on_logits: Callable[[int, Tensor], None] | None = None,
 ) -> np.ndarray:
     """Argmax labels (uint8 ``H x W``) of a whole micrograph with bounded memory.
 
@@ -571,6 +572,7 @@ def predict_stream(
     predictor; see the module docstring). Labels go into
     ``labels_out`` (any ``H x W`` uint8 array, e.g. a ``np.memmap``; allocated if None), and, if
     ``probs_out`` (``K x H x W`` uint8) is given, the softmax probabilities times 255.
+    ``on_logits(y0, logits)`` sees every block of final logit rows (e.g. ``segment.ood.EntropyTiles``).
     """
     if isinstance(source, np.ndarray):
         source = ArraySource(source)
@@ -584,6 +586,8 @@ def predict_stream(
         if logits.shape[0] > 256:
             raise ValueError(f"{logits.shape[0]} classes do not fit uint8 labels")
         labels_out[y0 : y0 + rows] = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        if on_logits is not None:
+            on_logits(y0, logits)
         if probs_out is not None:
             probs_out[:, y0 : y0 + rows] = probabilities_uint8(logits).cpu().numpy()
     return labels_out
