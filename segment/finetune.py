@@ -492,6 +492,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
                                   train_images=meta["train_images"])
     if main_proc:
         save_model(out / "last", unwrapped, {**meta, "epoch": state["epoch"]})
+        fit_ood(out / "best", data, accelerator.device)
         if cfg.evaluate and data.test_sets:
             result["test"] = evaluate_best(out, data, cfg, accelerator.device)
         from segment.report import write_report
@@ -509,6 +510,17 @@ def load_legacy_state(accelerator: Accelerator, out: Path) -> dict | None:
     with no_code_execution():
         accelerator.load_state(str(legacy))
     return json.loads((legacy / "trainer.json").read_text())
+
+
+def fit_ood(best: Path, data: Data, device) -> None:
+    """The OOD summary of `best/` (segment.ood: training tiles' features, threshold on the validation
+    images), used by segment.predict; a failure costs the run only the OOD score (logged)."""
+    from segment.ood import fit_checkpoint
+
+    try:
+        fit_checkpoint(best, [i for i, _ in data.train_pairs], [i for i, _ in data.val_pairs], device=device)
+    except Exception as exc:  # noqa: BLE001 - the score is optional; the trained model is not
+        log.warning("no OOD summary for %s (%s: %s)", best, type(exc).__name__, exc)
 
 
 def evaluate_best(out: Path, data: Data, cfg: FinetuneConfig, device) -> dict:

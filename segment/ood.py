@@ -25,7 +25,8 @@ flagged above it, an image when the mean of its tiles' scores is. Stored as ``oo
 Tiles: a grid of non-overlapping tiles whose last row and column sit flush with the border
 (``compute_steps(..., step_fraction=1)``); features are read band by band, so memory stays bounded.
 
-CLI (for a checkpoint fine-tuned before this existed; the summary goes to ``--out``)::
+``segment.finetune`` fits it into ``best/`` at the end of training (training and validation images);
+the CLI does it for a checkpoint fine-tuned before this existed (the summary goes to ``--out``)::
 
     python -m segment.ood CHECKPOINT --train DIR [DIR...] --val DIR [DIR...] --out FOLDER [--k 5]
 """
@@ -51,7 +52,8 @@ from pretrain.io import atomic_path, atomic_write_text, list_images
 from segment.infer import Origin, Predictor, _pad_to, compute_steps
 from segment.stream import RowSource, open_source, source_intensity_window
 
-__all__ = ["tile_grid", "feature_module", "tile_features", "OODSummary", "fit", "image_entropy", "EntropyTiles",
+__all__ = ["tile_grid", "feature_module", "tile_features", "OODSummary", "fit", "fit_checkpoint", "image_entropy",
+           "EntropyTiles",
            "load", "main"]
 
 logger = logging.getLogger(__name__)
@@ -251,6 +253,16 @@ def fit(predictor: Predictor, model: nn.Module, train: Sequence[Path], val: Sequ
     return summary
 
 
+def fit_checkpoint(checkpoint: str | os.PathLike[str], train: Sequence[Path], val: Sequence[Path], *,
+                   device: str | torch.device = "cpu", out: str | os.PathLike[str] | None = None,
+                   **kwargs: Any) -> OODSummary:
+    """Fit the summary of a checkpoint folder's model and save it there (or in ``out``)."""
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    summary = fit(predictor, predictor.model, train, val, **kwargs)
+    summary.save(out if out is not None else checkpoint)
+    return summary
+
+
 # ----------------------------------------------------------------------------- entropy
 class EntropyTiles:
     """Mean predictive entropy per tile of :func:`tile_grid`, accumulated from blocks of logit rows
@@ -305,9 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quantile", type=float, default=0.95)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    predictor = Predictor.from_checkpoint(args.checkpoint)
-    summary = fit(predictor, predictor.model, _paths(args.train), _paths(args.val), k=args.k, quantile=args.quantile)
-    print(f"wrote {summary.save(args.out)}: threshold {summary.threshold:.4g}")
+    summary = fit_checkpoint(args.checkpoint, _paths(args.train), _paths(args.val), out=args.out, k=args.k,
+                             quantile=args.quantile)
+    print(f"wrote {args.out}: threshold {summary.threshold:.4g}")
     return 0
 
 

@@ -144,3 +144,21 @@ def test_cli_uses_the_checkpoint_summary(tmp_path, fitted):
     assert read_csv(tmp_path / "o2" / "images.csv")[0]["ood_score"] == ""
     with pytest.raises(SystemExit, match="--ood"):
         main([*args, "--out", str(tmp_path / "o3"), "--ood", str(tmp_path / "in")])
+
+
+def test_finetune_fits_the_summary_into_best(tmp_path, fitted, caplog):
+    from segment import finetune as ft
+
+    ckpt, _, _ = fitted
+    best = tmp_path / "best"
+    best.mkdir()
+    for f in ckpt.iterdir():
+        if f.suffix in (".json", ".safetensors") and not f.name.startswith("ood"):
+            (best / f.name).write_bytes(f.read_bytes())
+    train = [(write(tmp_path / "tr", f"t{i}.png", superalloy((64, 128), seed=i)[0]), None) for i in range(2)]
+    val = [(write(tmp_path / "va", "v.png", superalloy((64, 128), seed=9)[0]), None)]
+    ft.fit_ood(best, ft.Data(class_map=None, train_pairs=train, val_pairs=val), "cpu")
+    assert load(best).meta["train_images"] == 2 and load(best).meta["val_tiles"] == 2
+    with caplog.at_level(logging.WARNING):
+        ft.fit_ood(tmp_path / "no_best", ft.Data(class_map=None, train_pairs=train, val_pairs=val), "cpu")
+    assert "no OOD summary" in caplog.text  # logged, not raised: the trained model matters more
