@@ -68,16 +68,23 @@ class PhotometricAugment:
         a = self.augment
         x = x.float()
         if a.jitter_p > 0 and (a.brightness > 0 or a.contrast > 0):
-            x = _where(self._coin(x, a.jitter_p), self._jitter(x), x)
+            b = self._factor(x, a.brightness)
+            c = self._factor(x, a.contrast)
+            first = self._coin(x, 0.5)
+            x = _apply(x, self._coin(x, a.jitter_p), lambda y, i: _jitter(y, _at(b, i), _at(c, i), first[i]))
         if a.gamma_p > 0 and tuple(a.gamma) != (1.0, 1.0):
             lo, hi = math.log(a.gamma[0]), math.log(a.gamma[1])
             gamma = (lo + (hi - lo) * self._uniform(x)).exp()
-            x = _where(self._coin(x, a.gamma_p), x.clamp(0.0, 1.0).pow(gamma), x)
+            x = _apply(x, self._coin(x, a.gamma_p), lambda y, i: y.clamp(0.0, 1.0).pow(gamma[i]))
         if blur_p > 0:
-            x = self._blur(x, blur_p)
+            lo, hi = a.blur_sigma
+            sigma = lo + (hi - lo) * self._uniform(x)
+            size = blur_kernel_size(min(x.shape[-2:]), hi)
+            x = _apply(x, self._coin(x, blur_p), lambda y, i: _blur(y, sigma[i], size))
         if a.noise_p > 0 and a.noise_sigma[1] > 0:
             sigma = a.noise_sigma[0] + (a.noise_sigma[1] - a.noise_sigma[0]) * self._uniform(x)
-            x = _where(self._coin(x, a.noise_p), (x + sigma * torch.randn_like(x)).clamp(0.0, 1.0), x)
+            x = _apply(x, self._coin(x, a.noise_p),
+                       lambda y, i: (y + sigma[i] * torch.randn_like(y)).clamp(0.0, 1.0))
         if self.channels != 1:
             x = x.expand(-1, self.channels, -1, -1)
         if self.mean is not None:
@@ -92,44 +99,80 @@ class PhotometricAugment:
     def _coin(self, x: Tensor, p: float) -> Tensor:
         return self._uniform(x) < p
 
-    def _jitter(self, x: Tensor) -> Tensor:
-        """``v2.ColorJitter(brightness, contrast)`` per sample: factors uniform in
-        [max(0, 1 - s), 1 + s], the two ops in random order; contrast blends with the image mean."""
-        a = self.augment
-        b = (max(0.0, 1 - a.brightness) + (2 * a.brightness if a.brightness < 1 else 1 + a.brightness)
-             * self._uniform(x)) if a.brightness > 0 else None
-        c = (max(0.0, 1 - a.contrast) + (2 * a.contrast if a.contrast < 1 else 1 + a.contrast)
-             * self._uniform(x)) if a.contrast > 0 else None
+    def _factor(self, x: Tensor, strength: float) -> Tensor | None:
+        """``v2.ColorJitter``'s factor: uniform in [max(0, 1 - s), 1 + s] per sample (None for s = 0)."""
+        if strength <= 0:
+            return None
+        lo = max(0.0, 1 - strength)
+        return lo + (1 + strength - lo) * self._uniform(x)
 
-        def bright(y: Tensor) -> Tensor:
-            return y if b is None else (y * b).clamp(0.0, 1.0)
 
-        def contrast(y: Tensor) -> Tensor:
-            if c is None:
-                return y
+def _whole_batch(x: Tensor) -> bool:
+    """Compute every sample and select (accelerators: no host sync), or index the selected ones (CPU)."""
+    return x.device.type != "cpu"
+
+
+def _apply(x: Tensor, mask: Tensor, fn) -> Tensor:
+    """``fn`` on the samples where ``mask`` holds, the others unchanged. ``fn(y, i)`` gets the selected
+    samples and an index for per-sample parameters. On a GPU every sample is computed and selected with
+    ``torch.where`` (no host sync); on a CPU only the selected ones are computed (less work)."""
+    if _whole_batch(x):
+        return torch.where(mask, fn(x, slice(None)), x)
+    index = mask.view(-1).nonzero().view(-1)
+    if index.numel() == 0:
+        return x
+    if index.numel() == x.shape[0]:
+        return fn(x, slice(None))
+    out = x.clone()
+    out[index] = fn(x[index], index)
+    return out
+
+
+def _at(t: Tensor | None, i) -> Tensor | None:
+    return None if t is None else t[i]
+
+
+def _jitter(x: Tensor, b: Tensor | None, c: Tensor | None, brightness_first: Tensor) -> Tensor:
+    """``v2.ColorJitter(brightness, contrast)`` with given factors, in the drawn order per sample;
+    contrast blends with each image's mean."""
+
+    def bright(y: Tensor) -> Tensor:
+        return y if b is None else (y * b).clamp(0.0, 1.0)
+
+    def contrast(y: Tensor) -> Tensor:
+        if c is None:
+            return y
+        m = y.mean(dim=(1, 2, 3), keepdim=True)
+        return (c * y + (1 - c) * m).clamp(0.0, 1.0)
+
+    if b is None or c is None:
+        return contrast(bright(x))
+    if _whole_batch(x):
+        return torch.where(brightness_first, contrast(bright(x)), bright(contrast(x)))
+    out = torch.empty_like(x)  # CPU: each sample computes its own order only
+    for first, index in ((True, brightness_first.view(-1).nonzero().view(-1)),
+                         (False, (~brightness_first).view(-1).nonzero().view(-1))):
+        if index.numel():
+            y, bb, cc = x[index], b[index], c[index]
+            y = (y * bb).clamp(0.0, 1.0) if first else y
             m = y.mean(dim=(1, 2, 3), keepdim=True)
-            return (c * y + (1 - c) * m).clamp(0.0, 1.0)
-
-        return _where(self._coin(x, 0.5), contrast(bright(x)), bright(contrast(x)))
-
-    def _blur(self, x: Tensor, p: float) -> Tensor:
-        """Gaussian blur with sigma uniform in ``augment.blur_sigma`` for a fraction ``p`` of the
-        samples (a unit impulse for the others): one separable grouped convolution per axis."""
-        lo, hi = self.augment.blur_sigma
-        size = blur_kernel_size(min(x.shape[-2:]), hi)
-        sigma = (lo + (hi - lo) * self._uniform(x)).view(-1, 1)
-        taps = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
-        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-        kernel = kernel / kernel.sum(dim=1, keepdim=True)
-        impulse = (taps == 0).to(x.dtype).expand_as(kernel)
-        kernel = torch.where(self._coin(x, p).view(-1, 1), kernel, impulse)  # B x size
-        b, c, h, w = x.shape
-        y = F.pad(x.reshape(1, b * c, h, w), (size // 2,) * 4, mode="reflect")
-        k = kernel.repeat_interleave(c, dim=0)
-        y = F.conv2d(y, k.view(b * c, 1, size, 1), groups=b * c)
-        y = F.conv2d(y, k.view(b * c, 1, 1, size), groups=b * c)
-        return y.view(b, c, h, w)
+            y = (cc * y + (1 - cc) * m).clamp(0.0, 1.0)
+            y = y if first else (y * bb).clamp(0.0, 1.0)
+            out[index] = y
+    return out
 
 
-def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    return torch.where(mask, a, b)
+def _blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:
+    """Gaussian blur, per-sample ``sigma`` (``B x 1 x 1 x 1``), ``size`` taps, reflect padding as
+    torchvision: one separable grouped convolution per axis."""
+    taps = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
+    kernel = torch.exp(-0.5 * (taps / sigma.view(-1, 1)) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # B x size
+    b, c, h, w = x.shape
+    y = F.pad(x.reshape(1, b * c, h, w), (size // 2,) * 4, mode="reflect")
+    k = kernel.repeat_interleave(c, dim=0)
+    y = F.conv2d(y, k.view(b * c, 1, size, 1), groups=b * c)
+    y = F.conv2d(y, k.view(b * c, 1, 1, size), groups=b * c)
+    return y.view(b, c, h, w)
+
+

@@ -49,25 +49,46 @@ def test_blur_kernel_covers_three_sigma_not_a_tenth_of_the_crop():
     assert _blur_sizes(TwoViews(8, augment=Augment(blur_sigma=(0.1, 2.0)))) == [7, 7]  # capped by the crop
 
 
-def test_device_augment_equals_torchvision_per_sample(monkeypatch):
-    """With the random draws fixed, the batched ops equal torchvision's functional ops image by image:
-    brightness then contrast (the order drawn), gamma, reflect-padded Gaussian blur, normalisation."""
+@pytest.mark.parametrize("whole_batch", [False, True], ids=["cpu_indexing", "gpu_where"])
+@pytest.mark.parametrize("u", [0.25, 0.75])
+def test_device_augment_equals_torchvision_per_sample(monkeypatch, u, whole_batch):
+    """With the random draws fixed at ``u``, the batched ops equal torchvision's functional ops image by
+    image: brightness/contrast in the drawn order (u < 0.5: brightness first), gamma, reflect-padded
+    Gaussian blur, channel repeat, normalisation; both the CPU (indexing) and the GPU (torch.where) way."""
+    import pretrain.device_augment as da
+
     a = Augment(brightness=0.4, contrast=0.4, jitter_p=1.0, gamma=(0.7, 1.4), gamma_p=1.0, blur_sigma=(0.5, 1.5),
                 noise_p=0.0)
     aug = PhotometricAugment(a, blur_p=(1.0,), channels=3, mean=0.5, std=0.25)
-    monkeypatch.setattr(PhotometricAugment, "_uniform", staticmethod(lambda x: torch.full((x.shape[0], 1, 1, 1), 0.25)))
+    monkeypatch.setattr(PhotometricAugment, "_uniform", staticmethod(lambda x: torch.full((x.shape[0], 1, 1, 1), u)))
+    monkeypatch.setattr(da, "_whole_batch", lambda x: whole_batch)
     x = torch.rand(3, 1, 20, 24)
     out, = aug([x])
-    u = 0.25
-    b, c = 0.6 + 0.8 * u, 0.6 + 0.8 * u
+    b = c = 0.6 + 0.8 * u
     gamma = float(torch.tensor(0.7).log().add((torch.tensor(1.4).log() - torch.tensor(0.7).log()) * u).exp())
     sigma = 0.5 + 1.0 * u
     for i in range(3):
-        y = TF.adjust_contrast(TF.adjust_brightness(x[i], b), c)  # coin 0.25 < 0.5: brightness first
+        if u < 0.5:
+            y = TF.adjust_contrast(TF.adjust_brightness(x[i], b), c)
+        else:
+            y = TF.adjust_brightness(TF.adjust_contrast(x[i], c), b)
         y = TF.adjust_gamma(y.clamp(0, 1), gamma)
-        y = TF.gaussian_blur(y, [7, 7], [sigma, sigma])
+        y = TF.gaussian_blur(y, [11, 11], [sigma, sigma])  # 2 ceil(3 x 1.5) + 1 taps
         y = TF.normalize(y.expand(3, -1, -1), [0.5] * 3, [0.25] * 3)
         torch.testing.assert_close(out[i], y, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("whole_batch", [False, True], ids=["cpu_indexing", "gpu_where"])
+def test_device_augment_applies_ops_only_to_the_drawn_samples(monkeypatch, whole_batch):
+    import pretrain.device_augment as da
+
+    monkeypatch.setattr(da, "_whole_batch", lambda x: whole_batch)
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 16, 16)
+    y, = PhotometricAugment(Augment(jitter_p=0, gamma_p=0.5, gamma=(2.0, 2.0), noise_p=0), blur_p=(0.0,))([x])
+    squared = torch.isclose(y, x ** 2).flatten(1).all(1)
+    kept = torch.equal(y[~squared], x[~squared])
+    assert kept and 16 < int(squared.sum()) < 48  # p 0.5 of 64
 
 
 def test_device_augment_probabilities_and_ranges():
