@@ -17,6 +17,8 @@ from segment.weights import load_encoder_weights, load_model_encoders
 HYBRID, UNET = "cs_unet_hybrid_test", "unet_test"
 NEW_PARTS = ("swin.", "fusions.", "input_skip.")  # the hybrid's parameters a U-Net has not got
 SIZES = [(64, 64), (96, 80), (100, 77), (33, 130)]
+# The test Swin from stride 8, as cs_unet_hybrid_lite's Swin is (fusion at 8, 16, 32 only)
+SWIN_S8 = dict(patch_size=8, embed_dim=48, depths=(2, 2, 2), num_heads=(2, 4, 8))
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
@@ -67,18 +69,28 @@ def test_starts_as_the_unet(in_chans: int) -> None:
     assert all(f.abs().sum() > 0 for f in swin)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(cnn_name="test_convnext"),  # no stride-2 feature: a 0-channel stem skip
-    dict(decoder_interpolation="bilinear", pad_mode="reflect"),  # the input skip's identity resize too
-], ids=["convnext", "bilinear-reflect"])
-def test_starts_as_the_unet_with_other_options(kwargs: dict) -> None:
-    """Other CNNs and decoder options keep the equality."""
+@pytest.mark.parametrize("kwargs, swin", [
+    (dict(cnn_name="test_convnext"), {}),  # no stride-2 feature: a 0-channel stem skip
+    (dict(decoder_interpolation="bilinear", pad_mode="reflect"), {}),  # the input skip's resize in bilinear
+    # the last block, run after the resize, keeps its attention (scSE needs >= 16 channels)
+    (dict(decoder_attention_type="scse", decoder_channels=(64, 32, 32, 32, 32)), {}),
+    ({}, SWIN_S8),  # the Swin from stride 8 (cs_unet_hybrid_lite's layout): no fusion at stride 4
+], ids=["convnext", "bilinear-reflect", "scse", "swin-stride8"])
+def test_starts_as_the_unet_with_other_options(kwargs: dict, swin: dict) -> None:
+    """Other CNNs, decoder options and Swin layouts keep the equality."""
     kwargs = dict(num_classes=3, in_chans=1, **kwargs)
-    unet, hybrid = _fresh(UNET, seed=1, **kwargs), _fresh(HYBRID, seed=2, **kwargs)
+    unet, hybrid = _fresh(UNET, seed=1, **kwargs), _fresh(HYBRID, seed=2, **kwargs, **swin)
     copy_unet_into(hybrid, unet)
-    x = torch.randn(1, 1, 70, 90)
+    x = torch.randn(2, 1, 70, 90)
     with torch.no_grad():
-        torch.testing.assert_close(hybrid.eval()(x), unet.eval()(x), atol=1e-5, rtol=0)
+        for mode in ("eval", "train"):
+            getattr(unet, mode)(), getattr(hybrid, mode)()
+            torch.testing.assert_close(hybrid(x), unet(x), atol=1e-5, rtol=0)
+    if swin:
+        assert len(hybrid.fusions) == 3 and hybrid.fusion_levels == [2, 3, 4]  # CNN strides 8, 16, 32
+        with torch.no_grad():
+            feats = hybrid.forward_swin(torch.randn(1, 1, 128, 96))
+        assert [tuple(f.shape[1:3]) for f in feats] == [(16, 16), (8, 8), (4, 4)]
 
 
 def test_copy_fails_loudly_on_a_mismatch() -> None:
@@ -99,9 +111,10 @@ def _nonzero(p: torch.nn.Parameter) -> bool:
     return p.grad is not None and bool(p.grad.abs().sum() > 0)
 
 
-def test_gradient_reaches_the_swin() -> None:
+@pytest.mark.parametrize("kwargs", [{}, SWIN_S8], ids=["swin-stride4", "swin-stride8"])
+def test_gradient_reaches_the_swin(kwargs: dict) -> None:
     """Step 0: the zero projections get a gradient (the Swin none); after one step the Swin does too."""
-    model = _fresh(HYBRID).train()
+    model = _fresh(HYBRID, **kwargs).train()
     torch.manual_seed(4)
     x, y = torch.randn(2, 1, 96, 80), torch.randint(0, 3, (2, 96, 80))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -220,14 +233,27 @@ def test_presets_match_the_cs_unet_and_unet_sizes() -> None:
     ref = _fresh("cs_unet_test")
     assert test.encoder_specs["swin"] == ref.encoder_specs["swin"]
     assert test.encoder_specs["cnn"] == ref.encoder_specs["cnn"]
+    # lite: cs_unet_lite's CNN; its Swin without the stride-4 stage (stages 2-4: 96-192-384, heads 4-8-16)
     lite = _fresh("cs_unet_hybrid_lite")
-    assert lite.encoder_specs == _fresh("cs_unet_lite").encoder_specs
+    paper_lite = _fresh("cs_unet_lite")
+    assert lite.encoder_specs["cnn"] == paper_lite.encoder_specs["cnn"]
+    swin = lite.encoder_specs["swin"]["timm_kwargs"]
+    assert (swin["patch_size"], swin["embed_dim"], swin["depths"], swin["num_heads"]) == (8, 96, [2, 2, 2], [4, 8, 16])
+    paper_swin = paper_lite.encoder_specs["swin"]["timm_kwargs"]
+    assert {k: v for k, v in swin.items() if k not in ("patch_size", "embed_dim", "depths", "num_heads")} == {
+        k: v for k, v in paper_swin.items() if k not in ("patch_size", "embed_dim", "depths", "num_heads")}
     unet = _fresh("unet_lite")
     unet_keys = {k: v.shape for k, v in unet.state_dict().items()}
     assert {k: v.shape for k, v in lite.state_dict().items() if not k.startswith(NEW_PARTS)} == unet_keys
-    assert [f.proj.in_features for f in lite.fusions] == [48, 96, 192, 384]
-    assert [f.proj.out_features for f in lite.fusions] == [64, 128, 256, 512]  # the CNN's widths: additive
+    assert lite.fusion_levels == [2, 3, 4]  # CNN strides 8, 16, 32
+    assert [f.proj.in_features for f in lite.fusions] == [96, 192, 384]
+    assert [f.proj.out_features for f in lite.fusions] == [128, 256, 512]  # the CNN's widths: additive
     assert lite.swin_pad_multiple == 128 and lite.pad_multiple == 32
+    # the paper-style lite Swin (from stride 4; what pretrain's swin_lite exports fit) is a config away
+    s4 = _fresh("cs_unet_hybrid_lite", patch_size=4, embed_dim=48, depths=[2, 2, 2, 2], num_heads=[2, 4, 8, 16])
+    assert s4.encoder_specs == paper_lite.encoder_specs
+    assert [f.proj.in_features for f in s4.fusions] == [48, 96, 192, 384]
+    assert [f.proj.out_features for f in s4.fusions] == [64, 128, 256, 512]
 
     paper = _fresh("cs_unet_paper_lite")
     old = _fresh("cs_unet_lite")

@@ -8,16 +8,23 @@ model (Swin-UNet decoder ending at 1/4 resolution, 4x patch expand) stays in `cs
 output is block-constant at 4 px (tertiary gamma' capped at ~66 % IoU), the CNN's stride-2 stem
 feature is never used, and its finest fusion squeezes Swin and CNN into 48 channels (lite).
 
-Shapes for a 256 x 256 input, `cs_unet_hybrid_lite` (ResNet-18, Swin embed 48), NCHW:
+Shapes for a 256 x 256 input, `cs_unet_hybrid_lite` (ResNet-18, Swin from stride 8), NCHW:
 
     CNN (timm resnet18, whole)   s2 64x128², s4 64x64², s8 128x32², s16 256x16², s32 512x8²
-    Swin (timm, whole)           s4 48x64², s8 96x32², s16 192x16², s32 384x8² (last: swin.norm)
-    fusion, s in 4..32           f_s = cnn_s + Linear_s(LayerNorm_s(swin_s))   (Linear zero-init)
+    Swin (timm, patch 8, whole)  s8 96x32², s16 192x16², s32 384x8² (last: swin.norm)
+    fusion, s in 8..32           f_s = cnn_s + Linear_s(LayerNorm_s(swin_s))   (Linear zero-init)
     decoder (smp UnetDecoder, exactly unet_lite's: channels 256-128-64-32-16, BatchNorm, nearest)
-      block 0: up(f32) ++ f16 -> 256x16²      block 1: ++ f8 -> 128x32²     block 2: ++ f4 -> 64x64²
+      block 0: up(f32) ++ f16 -> 256x16²      block 1: ++ f8 -> 128x32²     block 2: ++ cnn s4 -> 64x64²
       block 3: up ++ cnn s2 (stem) -> 32x128²
       block 4: up(32x256²) + InputSkip(x) -> 16x256²    (InputSkip: conv3x3-BN-ReLU, 1x1 zero-init)
     head (smp SegmentationHead, 3x3 conv)                                        -> K x 256²
+
+The Swin presets other than lite are CS-UNet's (patch 4, fusion at 4..32: `cs_unet`'s encoders).
+The lite Swin starts at stride 8 (patch 8, widths 96-192-384, depths 2-2-2, heads 4-8-16, window
+8): `cs_unet_lite`'s Swin without its stride-4 stage, for speed (see Cost). At stride 4 the CNN
+(64 channels) is the only encoder; the Swin still reaches every scale the decoder sees below it.
+The paper-style lite Swin is `patch_size=4, embed_dim=48, depths=[2,2,2,2], num_heads=[2,4,8,16]`
+(what `pretrain`'s `swin_lite` encoder and `cs_unet_lite` use; their weights load only into it).
 
 Starts as a U-Net. Every path from the Swin branch and from the input skip ends in a zero-
 initialised projection, so at step 0 the model computes exactly what `unet_lite` (`TimmUnet`)
@@ -30,8 +37,8 @@ projection and whatever consumes it would leave both without gradient forever.
 Fusion is additive and keeps the CNN's width at every scale. Concatenation would widen the
 decoder's inputs and so change the shapes of smp's decoder convolutions (no more drop-in U-Net
 weights); it buys nothing here because the CNN is at least as wide as the Swin at the finest
-fusion (stride 4) in every preset: ResNet-18 64 vs Swin-lite 48, ResNet-50 256 vs Swin-T 96
-(the paper squeezed 48+48+64 -> 48 and 96+96+256 -> 96 there). Where a CNN is narrower than the
+fusion in every preset: ResNet-50 256 vs Swin-T 96 at stride 4, ResNet-18 128 vs Swin-lite 96 at
+stride 8 (the paper squeezed 48+48+64 -> 48 and 96+96+256 -> 96 at stride 4). Where a CNN is narrower than the
 Swin at some scale (only `test_resnet` at stride 32 among the presets), the projection narrows
 the Swin there; that is logged.
 
@@ -41,10 +48,14 @@ alone is padded further, to `model.swin_pad_multiple` (every shifted-window stag
 multiple of its window, as in `cs_unet.py`; 128 for lite), and its features are cropped back to
 the CNN's grid. Training tiles (multiples of 128) need neither.
 
-Cost (CPU, one thread, 4 x 256², `bench/model_throughput.py --models ... --clock cpu`): a training
-step takes 1.42x `unet_lite`'s CPU time (`cs_unet_lite`: 1.18x); of the extra, the Swin-lite
-branch's forward and backward is ~0.66 s (~0.3x of a U-Net step, its stride-4 stage alone ~0.28 s),
-the input skip ~0.08 s and the fusions ~0.04 s.
+Cost (CPU, one thread, 4 x 256², `bench/model_throughput.py --models unet_lite cs_unet_hybrid_lite
+--size 256 --batch 4 --clock cpu --threads 1`, on a shared 2-core machine): a training step takes
+1.26-1.31x `unet_lite`'s CPU time (median over rounds, three runs; fastest steps 1.31x), was
+1.42-1.47x with the stride-4 Swin-lite. Component timings (forward + backward, min of 7):
+Swin-lite from stride 4 0.61 s, from stride 8 0.36 s (its stride-4 stage was ~40 %, the stage with
+the most tokens and the least arithmetic per byte); the last decoder block 0.24 s, 0.34 s with the
+input skip (0.41 s when the block resized its already-resized input again). PyTorch's fused
+attention (timm's `fused_attn`) gave nothing on CPU at window 8 and is left as timm sets it.
 """
 from __future__ import annotations
 
@@ -106,7 +117,7 @@ class InputSkip(nn.Sequential):
 
 
 class CSUNetHybrid(nn.Module):
-    """A timm CNN and a timm Swin fused at strides 4-32 into smp's U-Net decoder, out at stride 1.
+    """A timm CNN and a timm Swin fused at the Swin's strides (4 or 8 to 32) into smp's U-Net decoder, out at stride 1.
 
     Args:
         num_classes: output channels.
@@ -241,11 +252,11 @@ class CSUNetHybrid(nn.Module):
             height, width = shapes[i + 1]
             skip = skips[i] if i < len(skips) else None
             if skip is None and self.input_skip is not None and i == len(dec.blocks) - 1:
-                # upsample here so that the skip can be added; the block's own interpolation to the
-                # same size is then the identity
+                # upsample here so that the skip can be added, then run the rest of the block
                 y = F.interpolate(y, size=(height, width), mode=block.interpolation_mode)
-                y = y + self.input_skip(features[0])
-            y = block(y, height, width, skip_connection=skip)
+                y = _unet_block_after_resize(block, y + self.input_skip(features[0]))
+            else:
+                y = block(y, height, width, skip_connection=skip)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,6 +277,16 @@ class CSUNetHybrid(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Relative-position tables, excluded from weight decay as in timm's Swin."""
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+
+def _unet_block_after_resize(block: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """smp's `UnetDecoderBlock.forward` without a skip, after its resize (already done by the caller).
+
+    Calling the block itself would resize `y` to its own size again: the identity, but a full
+    copy of the largest decoder tensor, forward and backward (~0.07 s of a lite step on CPU).
+    The equality-at-init tests (with and without decoder attention) hold this to smp's block.
+    """
+    return block.attention2(block.conv2(block.conv1(y)))
 
 
 def _swin_pad_multiple(swin: SwinTransformer, strides: Sequence[int]) -> int:
@@ -297,8 +318,10 @@ def _create_cs_unet_hybrid(variant: str, **kwargs: Any) -> CSUNetHybrid:
     return model
 
 
-# Swin presets as cs_unet's; decoders as unet / unet_lite / unet_test.
+# Swin presets as cs_unet's, except lite (from stride 8, see the module docstring); decoders as
+# unet / unet_lite / unet_test.
 _TEST_DECODER = (32, 16, 16, 8, 8)
+_SWIN_LITE_S8 = dict(_SWIN_LITE, patch_size=8, embed_dim=96, depths=(2, 2, 2), num_heads=(4, 8, 16))
 
 
 @register_model
@@ -317,8 +340,8 @@ def cs_unet_hybrid_intermediate(**kwargs: Any) -> CSUNetHybrid:
 
 @register_model
 def cs_unet_hybrid_lite(**kwargs: Any) -> CSUNetHybrid:
-    """CS-UNet hybrid with cs_unet_lite's encoders (Swin embed 48, 256; ResNet-18) and unet_lite's decoder."""
-    return _create_cs_unet_hybrid("cs_unet_hybrid_lite", **{**_SWIN_LITE, "cnn_name": "resnet18", **kwargs})
+    """CS-UNet hybrid for CPU / small GPUs: Swin from stride 8 (96-192-384, 256) + ResNet-18, unet_lite's decoder."""
+    return _create_cs_unet_hybrid("cs_unet_hybrid_lite", **{**_SWIN_LITE_S8, "cnn_name": "resnet18", **kwargs})
 
 
 @register_model
