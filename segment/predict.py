@@ -437,7 +437,8 @@ def _ood_outputs(predictor: Predictor, source: RowSource, ood: OODSummary, entro
     returns the image's numbers (score = mean tile score, flagged above the threshold)."""
     from segment.ood_figure import score_map_figure
 
-    model = getattr(predictor, "feature_model", None) or predictor.model  # the ONNX backend keeps its PyTorch twin
+    model = getattr(predictor, "feature_model", None)  # the ONNX backend keeps its PyTorch twin here
+    model = predictor.model if model is None else model
     origins, feats = tile_features(predictor, model, source, ood.tile)
     knn, ent = ood.knn(feats), entropy.means().ravel()
     scores = ood.combine(knn, ent)

@@ -162,3 +162,16 @@ def test_finetune_fits_the_summary_into_best(tmp_path, fitted, caplog):
     with caplog.at_level(logging.WARNING):
         ft.fit_ood(tmp_path / "no_best", ft.Data(class_map=None, train_pairs=train, val_pairs=val), "cpu")
     assert "no OOD summary" in caplog.text  # logged, not raised: the trained model matters more
+
+
+def test_cli_onnx_backend_scores_with_the_pytorch_features(tmp_path, fitted):
+    pytest.importorskip("onnxruntime")
+    ckpt, _, summary = fitted
+    write(tmp_path / "in", "a.png", superalloy((100, 100), seed=5)[0])
+    summary.save(tmp_path / "summary")
+    args = [str(ckpt), str(tmp_path / "in"), "--no-progress", "--no-overlays", "--ood", str(tmp_path / "summary")]
+    assert main([*args, "--out", str(tmp_path / "pt")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ox"), "--backend", "onnx"]) == 0
+    pt, ox = (read_csv(tmp_path / d / "images.csv")[0] for d in ("pt", "ox"))
+    assert float(ox["ood_knn"]) == pytest.approx(float(pt["ood_knn"]), rel=1e-6)  # same features
+    assert float(ox["mean_entropy"]) == pytest.approx(float(pt["mean_entropy"]), rel=1e-3)
