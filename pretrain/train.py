@@ -525,8 +525,11 @@ def to_device(views: Sequence[torch.Tensor], device: torch.device, augment=None,
     return out
 
 
-def _apply_perf(cfg: PretrainConfig, method, accelerator) -> None:
-    """TF32, SDPA attention, channels_last and torch.compile as ``perf`` says; logged on rank 0."""
+def _apply_perf(cfg: PretrainConfig, method, accelerator, *, deepspeed: bool = False) -> bool:
+    """TF32, SDPA attention, channels_last and torch.compile as ``perf`` says; logged on rank 0.
+    Returns whether the networks went channels_last (then the inputs should too). Not under
+    DeepSpeed: its engine broadcasts parameters as byte views, which channels_last weights refuse
+    (``RuntimeError: self.stride(-1) must be 1``), and ZeRO flattens them anyway."""
     from pretrain.throughput import channels_last, compile_module, enable_sdpa, enable_tf32
 
     p, done = cfg.perf, []
@@ -536,14 +539,16 @@ def _apply_perf(cfg: PretrainConfig, method, accelerator) -> None:
         n = sum(enable_sdpa(net) for net in (method.student, method.teacher) if net is not None)
         if n:
             done.append(f"scaled_dot_product_attention in {n} attention modules")
-    if p.channels_last:
-        converted = [channels_last(net["backbone"]) for net in (method.student, method.teacher) if net is not None]
-        if any(converted):
+    converted = False
+    if p.channels_last and not deepspeed:
+        converted = any([channels_last(net["backbone"]) for net in (method.student, method.teacher) if net is not None])
+        if converted:
             done.append("channels_last")
     if p.compile:
         compile_module(method.student["backbone"], backend=p.compile_backend)
         done.append(f"torch.compile ({p.compile_backend}) of the student backbone")
     log.info("throughput settings: %s", ", ".join(done) if done else "none apply on %s" % accelerator.device)
+    return converted
 
 
 def _plain_backbone(method, spec: Mapping[str, Any], accelerator) -> nn.Module | None:
@@ -666,7 +671,6 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     from accelerate.utils import set_seed
 
     from pretrain.checkpointing import CheckpointManager, Preemption, TrainState
-    from pretrain.throughput import is_convnet
     from pretrain.schedules import Schedules, apply_to_optimizer
     from pretrain.throughput import adamw
     from pretrain.io import atomic_write_text
@@ -694,7 +698,7 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     method_name = cfg.method.name.value
     set_seed(cfg.seed, device_specific=True)  # augmentations differ between ranks
     method.to(accelerator.device)
-    _apply_perf(cfg, method, accelerator)
+    channels_last = _apply_perf(cfg, method, accelerator, deepspeed=use_ds)
     schedules = Schedules(schedule_config(cfg, method.schedule_defaults, world_size=world),
                           cfg.optim.epochs * cfg.optim.steps_per_epoch)
     optimizer = adamw(method.param_groups(weight_decay=schedules.weight_decay(0)), lr=schedules.lr(0),
@@ -726,7 +730,6 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     try:
         views = build_views(cfg, method_name)
         augment = build_device_augment(cfg, views)
-        channels_last = cfg.perf.channels_last and is_convnet(method.student["backbone"])
         loader = make_train_loader(cfg, corpus.urls, views, start_step=start, with_labels=method.requires_labels,
                                    rank=rank, world_size=world)
         probe = build_probe(cfg, out, accelerator)
