@@ -243,6 +243,9 @@ def main() -> None:
     parser.add_argument("--no-device-augment", dest="device_augment", action="store_false",
                         help="ours applies every augmentation per image in the workers (data.device_augment=false)")
     parser.add_argument("--passthrough", action="store_true", help="write our shards with --passthrough")
+    parser.add_argument("--cpu-side-only", action="store_true",
+                        help="ours does not run the photometric half at all: the CPU's share of a GPU run (the "
+                             "views then differ from the peer's; a bound, not the comparison)")
     parser.add_argument("--corpus", type=Path, help="build/reuse the image folder and shards here (kept)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here (e.g. bench/results/)")
     args = parser.parse_args()
@@ -273,7 +276,7 @@ def main() -> None:
             from pretrain.device_augment import PhotometricAugment
 
             our_views = make_views(args.views, photometric=False)
-            augment = PhotometricAugment.for_views(our_views)
+            augment = None if args.cpu_side_only else PhotometricAugment.for_views(our_views)
         else:
             our_views, augment = views, None
         n_views = 2 if args.views == "two" else 8
@@ -302,6 +305,8 @@ def main() -> None:
     table = "\n".join(lines)
     split = ("ours: crops in the workers, photometric half batched in the main process (CPU), timed"
              if args.device_augment else "ours: every augmentation per image in the workers")
+    if args.device_augment and args.cpu_side_only:
+        split = "ours: crops in the workers, photometric half NOT run (the CPU's share when a GPU runs it)"
     header = (f"Input pipeline ({split}), {args.views} views at 224 px, batch {BATCH}, {args.batches} timed batches after "
               f"{args.warmup} warm-up, median of {args.repeats}; main-process torch threads "
               f"{torch.get_num_threads()}; corpus {info['files']} files "
