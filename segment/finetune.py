@@ -22,7 +22,7 @@ import hydra
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
@@ -31,12 +31,14 @@ from tqdm.auto import tqdm
 from segment.checkpoint import atomic_write_text, save_model
 from pretrain.checkpointing import CheckpointManager, Preemption
 from pretrain.safe_state import no_code_execution
+from pretrain.throughput import adamw, channels_last, enable_sdpa, enable_tf32
 from segment.config import DEFAULT_STEPS, STEPS_PER_EPOCH, FinetuneConfig, Schedule, register_configs
 
 log = logging.getLogger(__name__)
 
 LEGACY_STATE_DIR = "state"  # the training state of runs written before checkpoints/ (resumed, never written)
 KEEP_CHECKPOINTS = 2  # the latest and one to fall back to when the latest is damaged
+LOG_EVERY = 10  # steps between host reads of the loss (one sync per window, not per step)
 SYNTHETIC_MARKER = ".synthetic.json"  # written last into a generated set: {kind, size, seed}
 
 
@@ -303,6 +305,17 @@ def _number(text: str | None) -> int | float | None:
         return float(text)
 
 
+def speed_up(model: nn.Module, accelerator: Accelerator) -> bool:
+    """TF32 on Ampere+, PyTorch SDPA in timm attention, NHWC weights for pure CNNs (not under DeepSpeed,
+    whose parameter broadcasts refuse them); returns whether inputs should be NHWC too."""
+    tf32 = enable_tf32(accelerator.device)
+    sdpa = enable_sdpa(model)
+    nhwc = accelerator.distributed_type != DistributedType.DEEPSPEED and channels_last(model)
+    if accelerator.is_main_process:
+        log.info("speed settings: tf32 %s, sdpa in %d attention modules, channels_last %s", tf32, sdpa, nhwc)
+    return nhwc
+
+
 def train(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune, validate, checkpoint, evaluate the best model on the test sets; returns the results."""
     from segment.data import SegmentationDataset, train_transform
@@ -340,8 +353,9 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
                         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
 
     model, model_kwargs = build_model(cfg, k)
+    nhwc = speed_up(model, accelerator)
     groups = param_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = adamw(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = len(loader)
     clock = dict(start=time.time())  # reset to the resumed start below
@@ -408,11 +422,29 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
         losses = []
         bar = tqdm(epoch_loader, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not main_proc,
                    initial=state["step_in_epoch"], total=steps_per_epoch, leave=False)
+        pending: list[torch.Tensor] = []  # losses still on the device, read every LOG_EVERY steps
+
+        def flush() -> None:
+            """Read the pending losses in one host sync: stop on a non-finite one, log the rest."""
+            if not pending:
+                return
+            values = torch.stack(pending).float().cpu().tolist()
+            first = state["global_step"] - len(values) + 1
+            pending.clear()
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    raise FloatingPointError(f"non-finite loss {v} at step {first + i}")
+            losses.extend(values)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if writer:
+                for i, v in enumerate(values):
+                    writer.add_scalar("train/loss", v, first + i)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state["global_step"])
+
         for batch in bar:
-            logits = model(batch["image"])
+            image = batch["image"].contiguous(memory_format=torch.channels_last) if nhwc else batch["image"]
+            logits = model(image)
             loss = criterion(logits, batch["mask"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {state['global_step']}")
             accelerator.backward(loss)
             if cfg.optim.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -421,12 +453,11 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
             warm.step()
             state["global_step"] += 1
             state["step_in_epoch"] += 1
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            if writer:
-                writer.add_scalar("train/loss", loss.item(), state["global_step"])
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state["global_step"])
+            pending.append(loss.detach())
+            if len(pending) >= LOG_EVERY:
+                flush()
             if preempt.requested(state["global_step"]):
+                flush()
                 state["elapsed"] = time.time() - t_start
                 save_state()
                 preempt.acknowledge()
@@ -435,6 +466,7 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
                 return {"stopped": "signal", "global_step": state["global_step"]}
             if state["global_step"] >= budget or out_of_time():
                 break
+        flush()
         bar.close()
         timed_out = out_of_time() and state["global_step"] < budget
         last = epoch + 1 == n_epochs or state["global_step"] >= budget or timed_out

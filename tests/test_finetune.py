@@ -236,3 +236,37 @@ def test_cosine_follows_the_nearer_of_the_step_and_time_budgets(tmp_path):
 def test_bad_budgets_are_refused(tmp_path, override):
     with pytest.raises(Exception, match=override.split("=")[0]):
         make_cfg(tmp_path / "run", override)
+
+
+def test_a_cnn_trains_channels_last_and_its_checkpoints_load(tmp_path):
+    """NHWC weights for a pure CNN (issue 16 item 8): training, checkpoints, resume and best/ all work."""
+    import torch
+
+    from segment.checkpoint import load_model
+
+    run = tmp_path / "run"
+    cfg = make_cfg(run, "model.name=unet_test", "evaluate=false", "train.epochs=1")
+    model, _ = ft.build_model(cfg, 3)
+    assert ft.channels_last(model) and next(p for p in model.parameters() if p.ndim == 4).is_contiguous(
+        memory_format=torch.channels_last)
+    ft.train(cfg)
+    loaded, _ = load_model(run / "best")
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    result = ft.train(make_cfg(run, "model.name=unet_test", "evaluate=false", "train.epochs=2"))  # resumes
+    assert result["global_step"] == 6
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    import torch
+
+    real = ft.build_model
+
+    def poisoned(cfg, k):
+        model, kwargs = real(cfg, k)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return model, kwargs
+
+    monkeypatch.setattr(ft, "build_model", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 1"):
+        ft.train(make_cfg(tmp_path / "run", "evaluate=false"))
