@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+from pretrain.io import atomic_path, atomic_write_text  # noqa: E402
+
 DATA = Path(os.environ.get("MSEG_DATA", REPO.parent / "shared" / "data"))
 
 # case -> training set, out-of-distribution test set (ROOT:SPLIT under DATA), the product's data overrides,
@@ -98,7 +101,7 @@ def run_jobs(jobs: list[Job], out: Path, minutes: float, parallel: int) -> None:
             running.remove(item)
             info = dict(rc=proc.returncode, wall_min=(time.time() - t0) / 60, load_start=load0,
                         load_end=os.getloadavg(), parallel=parallel)
-            (out / job.name / "job.json").write_text(json.dumps(info) + "\n")
+            atomic_write_text(out / job.name / "job.json", json.dumps(info) + "\n")
             status = "done" if proc.returncode == 0 and job.result(out).is_file() else f"FAILED (rc {proc.returncode})"
             print(f"{status}: {job.name} after {info['wall_min']:.1f} min", flush=True)
 
@@ -151,12 +154,12 @@ def summarize(rows: list[dict], runners: list[str]) -> str:
 def collect(jobs: list[Job], out: Path) -> str:
     rows = [row for job in jobs if job.result(out).is_file() for row in read_job(job, out)]
     if rows:
-        with open(out / "results.csv", "w", newline="") as f:
+        with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
     text = summarize(rows, list(dict.fromkeys(j.runner for j in jobs)))
-    (out / "summary.md").write_text(text)
+    atomic_write_text(out / "summary.md", text)
     return text
 
 

@@ -238,7 +238,7 @@ def test_bad_budgets_are_refused(tmp_path, override):
         make_cfg(tmp_path / "run", override)
 
 
-def test_a_cnn_trains_channels_last_and_its_checkpoints_load(tmp_path):
+def test_a_cnn_trains_channels_last_and_its_checkpoints_load(tmp_path, caplog):
     """NHWC weights for a pure CNN (issue 16 item 8): training, checkpoints, resume and best/ all work."""
     import torch
 
@@ -249,7 +249,9 @@ def test_a_cnn_trains_channels_last_and_its_checkpoints_load(tmp_path):
     model, _ = ft.build_model(cfg, 3)
     assert ft.channels_last(model) and next(p for p in model.parameters() if p.ndim == 4).is_contiguous(
         memory_format=torch.channels_last)
-    ft.train(cfg)
+    with caplog.at_level("INFO", logger="segment.finetune"):
+        ft.train(cfg)
+    assert "channels_last True" in caplog.text  # the run itself went NHWC, not only this test's model
     loaded, _ = load_model(run / "best")
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
     result = ft.train(make_cfg(run, "model.name=unet_test", "evaluate=false", "train.epochs=2"))  # resumes
