@@ -42,7 +42,7 @@ def score_set(predictor, model, summary, class_map, pairs, tile):
 
     from segment.evaluate import _read_truth
     from segment.metrics import confusion_matrix, nasa_iou
-    from segment.ood import EntropyTiles, tile_features
+    from segment.ood import EntropyTiles, native_tile, tile_features
     from segment.stream import iter_logit_rows, open_source
 
     rows = []
@@ -50,7 +50,8 @@ def score_set(predictor, model, summary, class_map, pairs, tile):
         truth = _read_truth(mask, class_map)
         with open_source(image, gray=True) as src:
             origins, feats = tile_features(predictor, model, src, tile)
-            ent = EntropyTiles(src.shape, tile)
+            side = native_tile(tile, predictor.zoom)  # grid cell in image pixels
+            ent = EntropyTiles(src.shape, side)
             labels = np.empty(src.shape, np.uint8)
             for y0, logits in iter_logit_rows(predictor, src, progress=False):
                 ent(y0, logits)
@@ -60,7 +61,7 @@ def score_set(predictor, model, summary, class_map, pairs, tile):
         scores = summary.combine(knn, ents)
         digest = hashlib.sha256(Path(image).read_bytes()).hexdigest()
         for (y, x), s, e, c in zip(origins, knn, ents, scores, strict=True):
-            t, p = truth[y : y + tile, x : x + tile], labels[y : y + tile, x : x + tile]
+            t, p = truth[y : y + side, x : x + side], labels[y : y + side, x : x + side]
             err = 1 - nasa_iou(confusion_matrix(p, t, len(class_map.names)))
             rows.append(dict(image=image.name, digest=digest, y=y, x=x, knn=float(s), entropy=float(e),
                              score=float(c), error=float(err)))

@@ -51,8 +51,9 @@ from torch import Tensor, nn
 from pretrain.io import atomic_path, atomic_write_text, list_images
 from segment.infer import Origin, Predictor, _pad_to, compute_steps
 from segment.stream import RowSource, open_source, source_intensity_window
+from segment.zoom import resize_image
 
-__all__ = ["tile_grid", "feature_module", "tile_features", "OODSummary", "fit", "fit_checkpoint", "image_entropy",
+__all__ = ["native_tile", "tile_grid", "feature_module", "tile_features", "OODSummary", "fit", "fit_checkpoint", "image_entropy",
            "EntropyTiles",
            "load", "main"]
 
@@ -63,6 +64,13 @@ FORMAT = 1
 
 
 # ----------------------------------------------------------------------------- geometry
+def native_tile(tile: int, zoom: float) -> int:
+    """The side, in the image's own pixels, of a region that the model sees as one ``tile`` after the
+    predictor's ``zoom`` (a 256 px model tile at zoom 0.5 covers 512 image pixels): the OOD tile grid is
+    laid on the image with this side, so features and entropy describe what the model saw."""
+    return max(1, round(tile / zoom))
+
+
 def tile_grid(hw: tuple[int, int], tile: int) -> tuple[list[int], list[int]]:
     """Row and column origins of non-overlapping ``tile`` tiles, the last flush with the border
     (one tile at 0 for an axis shorter than a tile)."""
@@ -121,20 +129,23 @@ def _features(model: nn.Module, tiles: Tensor) -> np.ndarray:
 def tile_features(predictor: Predictor, model: nn.Module, source: RowSource, tile: int | None = None,
                   batch_size: int = 8) -> tuple[list[Origin], np.ndarray]:
     """``(origins, features)`` of one image's tile grid: the image scaled with one intensity window
-    (as the predictor), normalised, read one tile row at a time; ``model`` is the PyTorch network
-    (also for the ONNX backend, whose predictor holds no PyTorch module)."""
+    (as the predictor), normalised, read one tile row at a time; each grid cell (``native_tile(tile,
+    predictor.zoom)`` image pixels, origins in image pixels) resized by the predictor's zoom to the
+    model's ``tile`` before the encoder sees it; ``model`` is the PyTorch network (also for the ONNX
+    backend, whose predictor holds no PyTorch module)."""
     tile = int(tile or predictor.tile_hw[0])
+    side = native_tile(tile, predictor.zoom)
     h, w = source.shape
     window = source_intensity_window(source, predictor.intensity)
-    ys, xs = tile_grid((h, w), tile)
+    ys, xs = tile_grid((h, w), side)
     origins: list[Origin] = []
     feats: list[np.ndarray] = []
     model = model.eval()
     for y in ys:
-        rows = predictor.normalize(predictor.scale(source.rows(y, min(y + tile, h)), window,
+        rows = predictor.normalize(predictor.scale(source.rows(y, min(y + side, h)), window,
                                                    path=getattr(source, "path", None)))
-        rows = _pad_to(rows, (tile, tile))  # an image smaller than a tile: reflect-padded, as the predictor does
-        batch = [rows[:, :tile, x : x + tile] for x in xs]
+        rows = _pad_to(rows, (side, side))  # an image smaller than a tile: reflect-padded, as the predictor does
+        batch = [resize_image(rows[:, :side, x : x + side], (tile, tile)) for x in xs]
         for i in range(0, len(batch), batch_size):
             feats.append(_features(model, torch.stack(batch[i : i + batch_size]).to(predictor.device)))
         origins += [(y, x) for x in xs]
@@ -212,10 +223,11 @@ def _image_features(predictor: Predictor, model: nn.Module, paths: Sequence[Path
 
 
 def image_entropy(predictor: Predictor, source: RowSource, tile: int) -> EntropyTiles:
-    """Run the band-wise prediction of one image only for its per-tile entropy."""
+    """Run the band-wise prediction of one image only for its per-tile entropy (on the grid of
+    :func:`tile_features`: cells of ``native_tile(tile, predictor.zoom)`` image pixels)."""
     from segment.stream import iter_logit_rows
 
-    ent = EntropyTiles(source.shape, tile)
+    ent = EntropyTiles(source.shape, native_tile(tile, predictor.zoom))
     for y0, logits in iter_logit_rows(predictor, source, progress=False):
         ent(y0, logits)
     return ent

@@ -73,7 +73,7 @@ from segment.checkpoint import atomic_write_text
 from segment.databar import detect_databar
 from segment.infer import Predictor
 from segment.onnx_backend import BACKENDS, onnx_predictor, weights_digest
-from segment.ood import EntropyTiles, OODSummary, tile_features
+from segment.ood import EntropyTiles, OODSummary, native_tile, tile_features
 from segment.progress import TileProgress, format_seconds
 from segment.quantify import (
     PARTICLE_COLUMNS,
@@ -394,7 +394,7 @@ def predict_image(predictor: Predictor, path: str | os.PathLike[str], out_dir: s
                     outputs["probabilities"], (len(names), h, w),
                     metadata={"axes": "CYX", "classes": names, "values": "softmax probability x 255"}))
             tiles_done = TileProgress(key, report=options.progress)
-            entropy = EntropyTiles((h, w), ood.tile) if ood is not None else None
+            entropy = EntropyTiles((h, w), native_tile(ood.tile, predictor.zoom)) if ood is not None else None
             labels = predict_stream(predictor, source, probs_out=probs, progress=tiles_done, desc=key,
                                     on_logits=entropy)
         if int(labels.max(initial=0)) >= len(names):
@@ -443,14 +443,15 @@ def _ood_outputs(predictor: Predictor, source: RowSource, ood: OODSummary, entro
     knn, ent = ood.knn(feats), entropy.means().ravel()
     scores = ood.combine(knn, ent)
     h, w = source.shape
-    rows = [dict(tile_y=y, tile_x=x, tile_h=min(ood.tile, h - y), tile_w=min(ood.tile, w - x), knn_distance=k,
+    side = native_tile(ood.tile, predictor.zoom)  # the grid cell in image pixels
+    rows = [dict(tile_y=y, tile_x=x, tile_h=min(side, h - y), tile_w=min(side, w - x), knn_distance=k,
                  mean_entropy=e, ood_score=c, flagged=bool(c > ood.threshold))
             for (y, x), k, e, c in zip(origins, knn, ent, scores, strict=True)]
     outputs["ood_tiles"] = _write_csv(out_dir / "ood" / f"{key}.csv", OOD_TILE_COLUMNS, rows)
     thumb, stride = preview
     try:
         outputs["ood_map"] = score_map_figure(out_dir / "ood" / f"{key}.png", thumb, stride, (h, w), origins,
-                                              ood.tile, scores, ood.threshold, key)
+                                              side, scores, ood.threshold, key)
     except Exception as exc:  # noqa: BLE001 - a figure must not cost the image its numbers
         logger.warning("%s: OOD map not written (%s)", key, exc)
     score = float(np.mean(scores))

@@ -12,7 +12,9 @@ from pretrain.synthetic import TEST_SHIFT, superalloy
 from segment.checkpoint import save_model
 from segment.infer import Predictor
 from segment.models import create_model
-from segment.ood import EntropyTiles, OODSummary, fit, load, tile_features, tile_grid
+import copy
+
+from segment.ood import EntropyTiles, OODSummary, fit, image_entropy, load, native_tile, tile_features, tile_grid
 from segment.predict import PredictOptions, main, predict_paths
 from segment.stream import ArraySource
 
@@ -77,6 +79,24 @@ def test_shifted_image_scores_higher_than_in_distribution(fitted):
     assert knn["shift"] > 1.5 * knn["id"]
     assert summary.knn_scale > 0 and summary.entropy_scale > 0 and np.isfinite(summary.threshold)
     assert summary.meta["bank_tiles"] == 4 * 4 and summary.meta["val_tiles"] == 3 * 4  # 128 px: 2 x 2 tiles of 64
+
+
+def test_features_and_entropy_see_the_image_as_the_zoomed_model_does(fitted):
+    """A model trained at zoom 0.5 (EBC1) sees a 2x-enlarged image as the zoom-1 model sees the
+    original: same tile features, same per-tile entropy, on a grid of 2 x 64 image pixels."""
+    _, predictor, _ = fitted
+    image = superalloy((128, 192), seed=5)[0]
+    big = np.repeat(np.repeat(image, 2, 0), 2, 1)  # area-shrinking it by 2 gives `image` back exactly
+    half = copy.copy(predictor)
+    half.zoom = 0.5
+    assert native_tile(64, 0.5) == 128 and native_tile(256, 1.0) == 256
+    origins, feats = tile_features(predictor, predictor.model, ArraySource(image))
+    origins_z, feats_z = tile_features(half, half.model, ArraySource(big))
+    assert origins_z == [(2 * y, 2 * x) for y, x in origins] and len(origins) == 2 * 3
+    np.testing.assert_allclose(feats_z, feats, rtol=1e-3, atol=1e-3)
+    ent, ent_z = image_entropy(predictor, ArraySource(image), 64), image_entropy(half, ArraySource(big), 64)
+    assert ent_z.means().shape == ent.means().shape == (2, 3)
+    np.testing.assert_allclose(ent_z.means(), ent.means(), rtol=0.05, atol=1e-3)
 
 
 def test_summary_round_trip_no_pickle(tmp_path, fitted):
