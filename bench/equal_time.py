@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
-from pretrain.io import atomic_path, atomic_write_text  # noqa: E402
+from pretrain.outputs import atomic_path, atomic_write_text  # noqa: E402
 
 DATA = Path(os.environ.get("MSEG_DATA", REPO.parent / "shared" / "data"))
 

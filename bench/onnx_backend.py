@@ -159,7 +159,8 @@ def make_mosaic(path: Path, size: int, data: Path) -> None:
     """``size`` x ``size`` uint8 gray mosaic of the test images (flipped copies), uncompressed TIFF."""
     import tifffile
 
-    from pretrain.io import read_micrograph, to_float
+    from pretrain.intensity import to_float
+    from pretrain.io import read_micrograph
 
     tiles = []
     for p in sorted((data / "test").iterdir()):
@@ -239,7 +240,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from pretrain.io import atomic_write_text
+    from pretrain.outputs import atomic_write_text
 
     with tempfile.TemporaryDirectory(prefix="onnx_backend_") as tmp_name:
         tmp = Path(tmp_name)

@@ -84,7 +84,7 @@ def main() -> None:
     import torch
     from scipy.stats import spearmanr
 
-    from pretrain.io import atomic_write_text
+    from pretrain.outputs import atomic_write_text
     from segment.data import find_pairs, get_class_map
     from segment.infer import Predictor
     from segment.ood import fit

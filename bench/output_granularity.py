@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "output_granularity.md")
     args = ap.parse_args(argv)
 
-    from pretrain.io import atomic_write_text
+    from pretrain.outputs import atomic_write_text
     from segment.data import get_class_map
 
     t0 = time.time()

@@ -32,7 +32,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch.nn import functional as F
 
-from pretrain.io import atomic_write_text, read_micrograph, read_raw
+from pretrain.io import read_micrograph, read_raw
+from pretrain.outputs import atomic_write_text
 from segment.data import find_pairs, get_class_map
 from segment.infer import Predictor
 from segment.metrics import aggregate, confusion_matrix

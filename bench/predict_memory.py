@@ -59,7 +59,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from pretrain.io import to_float
+    from pretrain.intensity import to_float
     from segment.infer import Predictor
     from segment.stream import open_source, predict_stream
     from segment.zoom import resize_image, resize_logits, zoomed_hw

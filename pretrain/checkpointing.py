@@ -39,7 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from pretrain.io import apply_umask, atomic_write_text
+from pretrain.outputs import apply_umask, atomic_write_text
 from pretrain.safe_state import (
     CorruptCheckpointError,
     UnsafeCheckpointError,

@@ -105,7 +105,7 @@ class DataConfig:
     shards: Optional[Any] = None  # a shard folder, a brace pattern or a list of shard paths; null = synthetic
     synthetic: SyntheticCorpusConfig = field(default_factory=SyntheticCorpusConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
-    # raw pixels -> [0, 1] per image (pretrain.io.INTENSITY_MODES: percentile | zscore | robust | dtype),
+    # raw pixels -> [0, 1] per image (pretrain.intensity.INTENSITY_MODES: percentile | zscore | robust | dtype),
     # recorded in the export's encoder.json; fine-tune with the same data.intensity
     intensity: str = "percentile"
     mean: float = 0.5  # input normalisation after the intensity scaling to [0, 1]

@@ -28,7 +28,7 @@ Facts of webdataset 1.0.2 this module is built around (read from its source):
   with tifffile, in their native dtype.
 
 Intensity: each frame is mapped to [0, 1] by its own window (:func:`normalize_intensity` =
-:func:`pretrain.io.scale_intensity`, ``intensity`` one of ``pretrain.io.INTENSITY_MODES``: the
+:func:`pretrain.intensity.scale_intensity`, ``intensity`` one of ``pretrain.intensity.INTENSITY_MODES``: the
 0.5/99.5 percentiles by default, or mean/std, median/MAD; the same mapping ``segment`` fine-tunes
 with, recorded in the export's ``encoder.json``); the window comes from the whole frame even when
 a tile of it is taken; a constant frame becomes zeros.
@@ -56,7 +56,13 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
-from pretrain.io import INTENSITY_PERCENTILES, check_finite, intensity_range, intensity_window, scale_intensity
+from pretrain.intensity import (
+    INTENSITY_PERCENTILES,
+    check_finite,
+    intensity_range,
+    intensity_window,
+    scale_intensity,
+)
 
 __all__ = [
     "INTENSITY_PERCENTILES",
@@ -85,8 +91,8 @@ def normalize_intensity(image: np.ndarray, intensity: str = "percentile",
                         *, value_range: tuple[float, float] | None = None,
                         path: str | os.PathLike[str] | None = None) -> np.ndarray:
     """``image`` as float32 in [0, 1] by the per-image mapping that segmentation uses too:
-    :func:`pretrain.io.scale_intensity` in mode ``intensity`` (the window from
-    :func:`pretrain.io.intensity_window` unless ``value_range`` is given; a constant image gives
+    :func:`pretrain.intensity.scale_intensity` in mode ``intensity`` (the window from
+    :func:`pretrain.intensity.intensity_window` unless ``value_range`` is given; a constant image gives
     zeros; NaN/Inf pixels raise ``pretrain.io.ImageContentError`` naming ``path``)."""
     return scale_intensity(image, intensity, value_range=value_range, path=path)
 

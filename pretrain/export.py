@@ -17,7 +17,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from pretrain.io import atomic_path
+from pretrain.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from pretrain.io import ImageReadError, _is_tiff, _tiff_pixel_size_nm, read_micrograph
+from pretrain.io import ImageReadError, is_tiff, read_micrograph
+from pretrain.pixel_size import tiff_pixel_size_nm
 
 __all__ = ["PassInfo", "probe", "read_checked"]
 
@@ -50,7 +51,7 @@ def probe(path: str | Path) -> PassInfo | None:
     """The header facts of ``path`` when it can be copied as it is, else None (re-encode it)."""
     path = Path(path)
     try:
-        if _is_tiff(path):
+        if is_tiff(path):
             with tifffile.TiffFile(path) as tif:
                 if len(tif.pages) != 1:
                     return None
@@ -59,7 +60,7 @@ def probe(path: str | Path) -> PassInfo | None:
                         or page.photometric != tifffile.PHOTOMETRIC.MINISBLACK):
                     return None
                 return PassInfo("tif", int(page.shape[0]), int(page.shape[1]), page.dtype.name,
-                                page.dtype.itemsize * 8, _tiff_pixel_size_nm(tif))
+                                page.dtype.itemsize * 8, tiff_pixel_size_nm(tif))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as img:

@@ -62,7 +62,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from pretrain.io import IMAGE_SUFFIXES, ImageReadError, check_finite, list_images, read_micrograph
+from pretrain.intensity import check_finite
+from pretrain.io import IMAGE_SUFFIXES, ImageReadError, list_images, read_micrograph
 
 __all__ = [
     "FORMAT_VERSION",

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pretrain.config import DeepSpeedStage, PretrainConfig, Precision
-from pretrain.io import canonical_intensity
+from pretrain.intensity import canonical_intensity
 
 __all__ = [
     "CONFIG_DIR",
@@ -267,7 +267,7 @@ def prepare_corpus(cfg: PretrainConfig, out: Path, accelerator) -> Path:
     """
     from pretrain.shards import write_shards
     from pretrain.synthetic import write_unlabeled
-    from pretrain.io import atomic_write_text
+    from pretrain.outputs import atomic_write_text
 
     s = cfg.data.synthetic
     root = out / "corpus"
@@ -443,7 +443,7 @@ def _batches(loader) -> Iterator[Any]:
 def build_probe(cfg: PretrainConfig, out: Path, accelerator):
     """The k-NN probe on rank 0 (None elsewhere, and when ``knn.every`` is 0)."""
     from pretrain.knn import KnnProbe, load_holdout, write_synthetic_holdout
-    from pretrain.io import atomic_write_text
+    from pretrain.outputs import atomic_write_text
 
     k = cfg.knn
     if k.every == 0:
@@ -638,7 +638,7 @@ class MetricsLog:
         self._write()
 
     def _write(self) -> None:
-        from pretrain.io import atomic_write_text
+        from pretrain.outputs import atomic_write_text
 
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         fmt = lambda v: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -673,7 +673,7 @@ def train(cfg: PretrainConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
     from pretrain.checkpointing import CheckpointManager, Preemption, TrainState
     from pretrain.schedules import Schedules, apply_to_optimizer
     from pretrain.throughput import adamw
-    from pretrain.io import atomic_write_text
+    from pretrain.outputs import atomic_write_text
 
     cfg = _as_config(cfg)
     validate_config(cfg)

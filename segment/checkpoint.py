@@ -14,7 +14,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pretrain.io import atomic_dir, atomic_write_text, replace_dir  # noqa: F401  (re-exported: one atomic writer)
+from pretrain.outputs import atomic_dir, atomic_write_text, replace_dir  # noqa: F401  (re-exported: one atomic writer)
 
 log = logging.getLogger(__name__)
 

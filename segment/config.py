@@ -68,7 +68,7 @@ class DataConfig:
     in_chans: int = 1
     mean: list[float] = field(default_factory=lambda: [0.5])
     std: list[float] = field(default_factory=lambda: [0.25])
-    # raw pixels -> [0, 1] before mean/std (pretrain.io.scale_intensity), recorded in model.json:
+    # raw pixels -> [0, 1] before mean/std (pretrain.intensity.scale_intensity), recorded in model.json:
     # "percentile" = per-image 0.5/99.5 percentile window; "zscore" = mean +- 3 std; "robust" =
     # median +- 3 x 1.4826 MAD; "dtype" = divide by the dtype's maximum. Match the encoder's pretraining.
     intensity: str = "percentile"
@@ -85,7 +85,7 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        from pretrain.io import canonical_intensity
+        from pretrain.intensity import canonical_intensity
 
         try:
             self.intensity = canonical_intensity(self.intensity)

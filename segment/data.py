@@ -31,10 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from pretrain.io import (
-    IMAGE_SUFFIXES, canonical_intensity, check_not_constant, list_images, read_micrograph, read_raw,
-    scale_intensity,
-)
+from pretrain.intensity import canonical_intensity, check_not_constant, scale_intensity
+from pretrain.io import IMAGE_SUFFIXES, list_images, read_micrograph, read_raw
 from segment.zoom import check_zoom, resize_image, resize_labels, zoomed_hw
 
 __all__ = [
@@ -668,7 +666,7 @@ def eval_transform() -> A.Compose:
 class SegmentationDataset(Dataset[dict[str, Any]]):
     """Image/mask pairs as ``{"image": float C x H x W, "mask": long H x W, "index": int}``.
 
-    Images are read as gray, scaled to [0, 1] with ``pretrain.io.scale_intensity`` in mode
+    Images are read as gray, scaled to [0, 1] with ``pretrain.intensity.scale_intensity`` in mode
     ``intensity`` (``"percentile"``: per-image 0.5/99.5 percentile stretch, as pretraining;
     ``"dtype"``: divided by the dtype's maximum; NaN/Inf pixels or a constant image are a
     ``pretrain.io.ImageContentError`` naming the file, when the pair is loaded), augmented jointly

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pretrain.io import to_float
+from pretrain.intensity import to_float
 
 __all__ = ["DataBar", "row_profile", "find_databar", "detect_databar"]
 

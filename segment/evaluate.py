@@ -96,7 +96,8 @@ def evaluate_image(
 
 def _read_image(predictor: Predictor, path: Path) -> np.ndarray:
     """The image scaled to [0, 1]; NaN/Inf or constant pixels are a ``bad_image`` failure."""
-    from pretrain.io import ImageContentError, ImageReadError, check_not_constant, read_micrograph
+    from pretrain.intensity import check_not_constant
+    from pretrain.io import ImageContentError, ImageReadError, read_micrograph
 
     try:
         raw = read_micrograph(path, gray=True).image

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pretrain.io import atomic_path
+from pretrain.outputs import atomic_path
 
 __all__ = [
     "PaddedForExport",
@@ -102,7 +102,7 @@ def check_inputs(tile_hw: tuple[int, int], in_chans: int, mean: Sequence[float],
                 *, multiple: int = 1, dynamic_hw: bool = True, seed: int = 0) -> list[Tensor]:
     """Check inputs: a normalised synthetic micrograph tile (batch 1), a batch of 3 noise tiles and,
     with ``dynamic_hw``, an input one multiple larger than the tile and one of odd size."""
-    from pretrain.io import to_float
+    from pretrain.intensity import to_float
     from pretrain.synthetic import superalloy
 
     th, tw = tile_hw

@@ -184,7 +184,7 @@ def export_intensity(source: str | os.PathLike[str]) -> str | None:
 def check_encoder_intensity(branch: str, source: str | os.PathLike[str], intensity: str) -> bool:
     """Warn when a pretrain export was trained on intensities scaled unlike ``data.intensity``;
     True when they agree or the export does not say."""
-    from pretrain.io import canonical_intensity
+    from pretrain.intensity import canonical_intensity
 
     recorded = export_intensity(source)
     if recorded is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.io import atomic_path
+from pretrain.outputs import atomic_path
 
 __all__ = ["Band", "fractions_figure"]
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pretrain.io import canonical_intensity, scale_intensity
+from pretrain.intensity import canonical_intensity, scale_intensity
 from segment.zoom import check_zoom, resize_image, resize_logits, zoomed_hw
 
 __all__ = [
@@ -200,7 +200,7 @@ class Predictor:
         mean, std: per-channel normalisation used by :meth:`predict_image`; ``len(mean)`` is the
             model's input channel count.
         intensity: how :meth:`scale` maps raw pixels to [0, 1] before ``mean``/``std``
-            (:func:`pretrain.io.scale_intensity`): ``"percentile"`` (per-image robust stretch) or
+            (:func:`pretrain.intensity.scale_intensity`): ``"percentile"`` (per-image robust stretch) or
             ``"dtype"`` (divide by the dtype's maximum; the default, for checkpoints whose
             model.json predates the ``intensity`` key). Must be what the model was trained with.
         zoom: resize factor between the image and the model's pixels (``data.zoom`` of training;
@@ -382,7 +382,7 @@ class Predictor:
     def scale(self, image: np.ndarray, value_range: tuple[float, float] | None = None,
               path: str | Path | None = None) -> np.ndarray:
         """Raw pixels (native dtype) -> float32 in [0, 1] with this predictor's ``intensity``
-        (:func:`pretrain.io.scale_intensity`; ``value_range`` fixes the percentile range, e.g. one
+        (:func:`pretrain.intensity.scale_intensity`; ``value_range`` fixes the percentile range, e.g. one
         computed for a whole streamed image). NaN/Inf pixels raise an ``ImageContentError``
         naming ``path``."""
         return scale_intensity(image, self.intensity, value_range=value_range, path=path)

@@ -48,7 +48,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 from torch import Tensor, nn
 
-from pretrain.io import atomic_path, atomic_write_text, list_images
+from pretrain.io import list_images
+from pretrain.outputs import atomic_path, atomic_write_text
 from segment.infer import Origin, Predictor, _pad_to, compute_steps
 from segment.stream import RowSource, open_source, source_intensity_window
 from segment.zoom import resize_image

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.io import atomic_path
+from pretrain.outputs import atomic_path
 
 __all__ = ["score_map_figure"]
 

@@ -67,7 +67,8 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.io import IMAGE_SUFFIXES, atomic_path, list_images, remove_stale_temps, write_tiff
+from pretrain.io import IMAGE_SUFFIXES, list_images, write_tiff
+from pretrain.outputs import atomic_path, remove_stale_temps
 from pretrain.cli_checks import writable_dir
 from segment.checkpoint import atomic_write_text
 from segment.databar import detect_databar

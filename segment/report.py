@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pretrain.io import atomic_path, atomic_write_text  # noqa: E402
+from pretrain.outputs import atomic_path, atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 

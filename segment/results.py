@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from pretrain.io import atomic_path, atomic_write_text
+from pretrain.outputs import atomic_path, atomic_write_text
 
 FACTORS = ("model", "weights", "data", "seed")
 GRID_FILE = "grid.tsv"

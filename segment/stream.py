@@ -12,7 +12,7 @@ float state grows with the image width, not its area. The result equals ``Predic
 order of summation, same batches).
 
 Intensity: the predictor's ``intensity`` (the one it was trained with) maps raw pixels to [0, 1]
-with :func:`pretrain.io.scale_intensity`. ``"dtype"`` is per pixel. For the per-image modes the
+with :func:`pretrain.intensity.scale_intensity`. ``"dtype"`` is per pixel. For the per-image modes the
 window (percentiles, mean/std or median/MAD) is computed *once per image* by
 :func:`source_intensity_window` from a strided
 read of the source (``[::s, ::s]`` with at most about 4M pixels, read band by band, so memory stays
@@ -51,17 +51,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pretrain.io import (
-    ImageContentError,
-    ImageReadError,
+from pretrain.intensity import (
     check_finite,
     intensity_sample_stride,
     intensity_window,
     parse_intensity,
-    read_micrograph,
-    read_pixel_size_nm,
     to_float,
 )
+from pretrain.io import ImageContentError, ImageReadError, read_micrograph, read_pixel_size_nm
 from segment.infer import Origin, Predictor, _pad_to, accumulate_tiles, tile_origins
 from segment.progress import TileProgress
 from segment.zoom import RowResampler, image_mode, resize_columns, zoomed_hw
@@ -321,8 +318,8 @@ def source_intensity_window(source: RowSource, intensity: str = "percentile",
     """Intensity window ``(lo, hi)`` of a whole streamed image for ``scale_intensity(value_range=)``
     (None for ``"dtype"``, which needs none).
 
-    Reads ``[::s, ::s]`` (``s`` from :func:`pretrain.io.intensity_sample_stride`, so at most about
-    4M pixels are held) band by band and applies :func:`pretrain.io.intensity_window`; that is the
+    Reads ``[::s, ::s]`` (``s`` from :func:`pretrain.intensity.intensity_sample_stride`, so at most about
+    4M pixels are held) band by band and applies :func:`pretrain.intensity.intensity_window`; that is the
     subsample ``intensity_window`` itself takes of the whole image, so the result is the same.
     NaN/Inf in the sample raise an ``ImageContentError`` naming the file before any tile is run.
     """

@@ -49,7 +49,7 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pretrain.checkpointing import STATE_FILE, list_checkpoints
-from pretrain.io import atomic_path, atomic_write_text
+from pretrain.outputs import atomic_path, atomic_write_text
 from segment import results
 
 log = logging.getLogger("segment.study")

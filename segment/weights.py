@@ -41,7 +41,7 @@ from timm.models import adapt_input_conv, get_model_traits, model_entrypoint
 from torch import Tensor, nn
 
 from pretrain.export import ENCODER_FILE, ENCODER_META, _feature_info
-from pretrain.io import atomic_path
+from pretrain.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pretrain.io import ImageReadError, read_raw, scale_intensity, write_tiff
+from pretrain.intensity import scale_intensity
+from pretrain.io import ImageReadError, read_raw, write_tiff
 from segment import data as sd
 from segment.data import (
     CLASS_MAPS, ClassMap, MaskError, MicrographCLAHE, SegmentationDataset, few_shot, find_pairs,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from _tiles import interior_mask
-from pretrain.io import scale_intensity, to_float
+from pretrain.intensity import scale_intensity, to_float
 from segment.infer import (
     Predictor,
     compute_steps,

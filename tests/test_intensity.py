@@ -11,7 +11,8 @@ from PIL import Image
 from torch import nn
 
 from pretrain.data import normalize_intensity
-from pretrain.io import INTENSITY_MODES, intensity_window, scale_intensity, write_tiff
+from pretrain.intensity import INTENSITY_MODES, intensity_window, scale_intensity
+from pretrain.io import write_tiff
 from segment.checkpoint import save_model
 from segment.data import SegmentationDataset
 from segment.infer import Predictor

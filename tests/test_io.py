@@ -6,19 +6,21 @@ import pytest
 import tifffile
 from PIL import Image
 
+from pretrain.intensity import (
+    canonical_intensity,
+    intensity_range,
+    intensity_sample_stride,
+    scale_intensity,
+    to_float,
+)
 from pretrain.io import (
     ImageReadError,
     Micrograph,
     MicrographWarning,
-    canonical_intensity,
-    intensity_range,
-    intensity_sample_stride,
     list_images,
     read_micrograph,
     read_pixel_size_nm,
     read_raw,
-    scale_intensity,
-    to_float,
     write_tiff,
 )
 

@@ -150,7 +150,7 @@ def test_normalize_intensity_8_and_16_bit():
     ramp8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
     assert normalize_intensity(ramp8).max() == 1 and normalize_intensity(ramp8).min() == 0
     constant = np.full((4, 4), 128, np.uint8)
-    assert (normalize_intensity(constant) == 0).all()  # constant -> zeros (pretrain.io.scale_intensity)
+    assert (normalize_intensity(constant) == 0).all()  # constant -> zeros (pretrain.intensity.scale_intensity)
     floats = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
     assert 0 <= normalize_intensity(floats).min() and normalize_intensity(floats).max() <= 1
 

@@ -12,7 +12,8 @@ from skimage.draw import disk
 from torch import nn
 
 import segment.predict as predict_mod
-from pretrain.io import atomic_write_text, write_tiff
+from pretrain.io import write_tiff
+from pretrain.outputs import atomic_write_text
 from segment.infer import Predictor
 from segment.predict import PredictOptions, main, predict_paths
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from _tiles import interior_mask
-from pretrain.io import intensity_range, intensity_window, read_micrograph, scale_intensity, to_float, write_tiff
+from pretrain.intensity import intensity_range, intensity_window, scale_intensity, to_float
+from pretrain.io import read_micrograph, write_tiff
 from segment.infer import Predictor, compute_steps
 from segment.stream import (
     ArraySource,
