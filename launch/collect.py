@@ -1,7 +1,7 @@
 """Collect the results of a fine-tuning sweep: ``python launch/collect.py SWEEP [--csv F] [--md F] [--sets a,b]``.
 
 A thin entry point next to the launch scripts; the code is :mod:`segment.results` (also
-``python -m segment.results``), shared with ``segment.study``.
+``python -m segment.results``), shared with ``launch.study``.
 """
 import sys
 from pathlib import Path

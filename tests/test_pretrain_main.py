@@ -100,7 +100,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_loadable_export(tmp_path):
     assert meta["timm_name"] == "test_resnet" and meta["in_chans"] == 1 and meta["method"] == "dino"
     assert meta["mean"] == [0.5] and meta["std"] == [0.25] and meta["steps"] == 6
     assert meta["intensity"] == "percentile" and "synthetic corpus" in meta["data"]
-    # the export carries its k-NN probe (segment.study shows it next to the fine-tuning results)
+    # the export carries its k-NN probe (launch.study shows it next to the fine-tuning results)
     assert meta["knn"]["top1_init"] == result["knn_top1_init"] and meta["knn"]["top1"] == result["knn_top1"]
     for name, branch in (("cs_unet_test", "cnn"), ("unet_test", "cnn")):
         model = create_model(name, num_classes=3, in_chans=1)

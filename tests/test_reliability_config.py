@@ -23,6 +23,7 @@ from PIL import Image
 
 import segment.finetune as ft
 from segment.config import register_configs
+from segment.finetune_data import SYNTHETIC_MARKER, prepare_synthetic, synthetic_to_generate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -108,21 +109,21 @@ def test_synthetic_set_is_generated_in_the_run_and_only_read_elsewhere(tmp_path)
     (another run's) is only read; a folder outside the run without the marker is never written."""
     cfg = make_cfg(tmp_path / "run1")
     root = Path(cfg.data.root)
-    assert root.parent.parent == tmp_path / "run1" and ft.synthetic_to_generate(cfg)
-    ft.prepare_synthetic(cfg, _OneProcess())
-    assert (root / ft.SYNTHETIC_MARKER).is_file() and (root / "train").is_dir()
-    assert not ft.synthetic_to_generate(cfg)  # a rerun reuses it
+    assert root.parent.parent == tmp_path / "run1" and synthetic_to_generate(cfg)
+    prepare_synthetic(cfg, _OneProcess())
+    assert (root / SYNTHETIC_MARKER).is_file() and (root / "train").is_dir()
+    assert not synthetic_to_generate(cfg)  # a rerun reuses it
 
     other = make_cfg(tmp_path / "run2", f"data.root={root}")
     assert other.data.extra_tests["shifted"] == f"{root}:different_test"  # the set's own shifted folder
     before = snapshot(root)
-    ft.prepare_synthetic(other, _OneProcess())
+    prepare_synthetic(other, _OneProcess())
     assert snapshot(root) == before
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="outside the run folder"):
-        ft.prepare_synthetic(make_cfg(tmp_path / "run3", f"data.root={empty}"), _OneProcess())
+        prepare_synthetic(make_cfg(tmp_path / "run3", f"data.root={empty}"), _OneProcess())
     assert not any(empty.iterdir())
 
 
@@ -210,7 +211,7 @@ def test_misspelt_override_names_the_nearest_key(module, override, nearest):
 
 def test_study_cell_with_a_misspelt_plus_key_is_an_error(tmp_path):
     """Study presets compose through the API, where Hydra's `+` adds any key: compose_cell checks them."""
-    import segment.study as st
+    import launch.study as st
 
     cell = st.Cell(model="unet_lite", init="random", trainset="s", seed=0,
                    overrides=["model=unet_lite", "data=synthetic_super", "+train.epoch=3"])

@@ -1,4 +1,4 @@
-"""segment.study: grid expansion, resume of an interrupted study, failure isolation, aggregation."""
+"""launch.study: grid expansion, resume of an interrupted study, failure isolation, aggregation."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import segment.study as st
+import launch.study as st
 from pretrain.checkpointing import STATE_FILE, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Run a study: models x encoder initialisations x training sets x seeds, then aggregate.
 
-    python -m segment.study [--config configs/study/default.yaml] [--out runs/study]
+    python -m launch.study [--config configs/study/default.yaml] [--out runs/study]
                             [--only PATTERN] [--dry-run] [--collect-only]
 
 Each cell is one ``segment.finetune.train`` call (composed in-process with Hydra from
@@ -52,7 +52,7 @@ from pretrain.checkpointing import STATE_FILE, list_checkpoints
 from pretrain.outputs import atomic_path, atomic_write_text
 from segment import results
 
-log = logging.getLogger("segment.study")
+log = logging.getLogger("launch.study")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
