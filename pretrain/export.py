@@ -2,7 +2,8 @@
 
 ``encoder.safetensors`` (timm key names) + ``encoder.json`` (how to rebuild the timm model, its input
 normalisation and intensity scaling, the method, corpus, steps and k-NN probe of its pretraining).
-:mod:`segment.weights` reads it; nothing here imports :mod:`segment`, so data flow one way.
+:mod:`segment.weights` reads it through these public names; nothing here imports :mod:`segment`, so
+data flow one way.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pretrain.outputs import atomic_path
+
+__all__ = ["ENCODER_FILE", "ENCODER_META", "export_encoder", "feature_info"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def export_encoder(
     timm_kwargs.pop("num_classes", None)  # always 0 for an encoder
     if int(timm_kwargs.pop("in_chans", in_chans)) != int(in_chans):
         raise ValueError(f"export_encoder: timm_kwargs['in_chans'] disagrees with in_chans={in_chans}")
-    channels, strides = _feature_info(encoder)
+    channels, strides = feature_info(encoder)
     meta = {
         "timm_name": timm_name,
         "timm_kwargs": timm_kwargs,
@@ -98,7 +101,7 @@ def _per_channel(value: float | Sequence[float], in_chans: int, label: str) -> l
     return values
 
 
-def _feature_info(encoder: nn.Module) -> tuple[list[int] | None, list[int] | None]:
+def feature_info(encoder: nn.Module) -> tuple[list[int] | None, list[int] | None]:
     """Feature channels and strides from ``encoder.feature_info`` (list of dicts or FeatureInfo)."""
     info = getattr(encoder, "feature_info", None)
     if info is None:

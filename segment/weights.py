@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from timm.models import adapt_input_conv, get_model_traits, model_entrypoint
 from torch import Tensor, nn
 
-from pretrain.export import ENCODER_FILE, ENCODER_META, _feature_info
+from pretrain.export import ENCODER_FILE, ENCODER_META, feature_info
 from pretrain.outputs import atomic_path
 
 log = logging.getLogger(__name__)
@@ -484,7 +484,7 @@ def _check_metadata(encoder: nn.Module, meta: Mapping[str, Any], arch: str | Non
     exported = meta.get("timm_name")
     if exported and arch and exported.split(".", 1)[0] != arch.split(".", 1)[0]:
         log.warning("%s was exported from timm model %r, but the encoder is %r", where, exported, arch)
-    channels, strides = _feature_info(encoder)
+    channels, strides = feature_info(encoder)
     for label, ours in (("feature_channels", channels), ("feature_strides", strides)):
         theirs = meta.get(label)
         if theirs and ours and list(theirs) != list(ours):
