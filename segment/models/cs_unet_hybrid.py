@@ -70,11 +70,10 @@ from segmentation_models_pytorch.base import modules as smp_modules
 from segmentation_models_pytorch.base.initialization import initialize_decoder
 from timm.models.swin_transformer import SwinTransformer
 
-from ._cnn import TimmCNNEncoder
-from ._layers import PAD_MODES, check_input, lcm, pad_to_multiple, to_config
+from ._layers import check_input, lcm, pad_to_multiple, to_config
 from ._registry import register_model
 from .cs_unet import _SWIN_INTERMEDIATE, _SWIN_LITE, _SWIN_ORIGINAL, _SWIN_TEST, _validate
-from .unet import build_decoder
+from .unet import unet_parts
 
 __all__ = ["CSUNetHybrid", "SwinProjection", "InputSkip"]
 
@@ -168,12 +167,11 @@ class CSUNetHybrid(nn.Module):
         self.pad_mode = pad_mode
         self.config: dict[str, Any] = {}  # filled by the registered entry point
 
-        # The U-Net part, built exactly as TimmUnet builds it (same attribute names and init).
-        self.cnn = TimmCNNEncoder(cnn_name, in_chans, strides=_CNN_STRIDES, optional_strides=(2,), **(cnn_kwargs or {}))
-        self.pad_multiple = _CNN_STRIDES[-1]
-        self.decoder, self.segmentation_head = build_decoder(
-            "unet", in_chans, self.cnn.channels, decoder_channels, num_classes,
+        # The U-Net part, built by the same function as TimmUnet's (same attribute names and init).
+        self.cnn, self.decoder, self.segmentation_head = unet_parts(
+            cnn_name, in_chans, num_classes, cnn_kwargs=cnn_kwargs, decoder_channels=decoder_channels,
             use_norm=decoder_use_norm, attention_type=decoder_attention_type, interpolation=decoder_interpolation)
+        self.pad_multiple = _CNN_STRIDES[-1]
 
         # The Swin branch and its zero-initialised entries into the CNN features.
         self._swin_spec = {

@@ -52,6 +52,19 @@ def build_decoder(kind: str, in_chans: int, cnn_channels: Sequence[int], decoder
     return decoder, head
 
 
+def unet_parts(cnn_name: str, in_chans: int, num_classes: int, *, cnn_kwargs: dict[str, Any] | None = None,
+               decoder: str = "unet", decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+               use_norm: bool | str | dict[str, Any] = "batchnorm", attention_type: str | None = None,
+               interpolation: str = "nearest") -> tuple[TimmCNNEncoder, nn.Module, nn.Module]:
+    """``(cnn, decoder, head)`` of a U-Net on a timm CNN with features at strides (2,) 4 .. 32, built in
+    this order (so two models built from the same seed get the same weights: the CS-UNet hybrid's UNet
+    part is this one)."""
+    cnn = TimmCNNEncoder(cnn_name, in_chans, strides=_STRIDES, optional_strides=(2,), **(cnn_kwargs or {}))
+    dec, head = build_decoder(decoder, in_chans, cnn.channels, decoder_channels, num_classes,
+                              use_norm=use_norm, attention_type=attention_type, interpolation=interpolation)
+    return cnn, dec, head
+
+
 class TimmUnet(nn.Module):
     """smp U-Net / U-Net++ decoder on a full timm CNN; any input size (padded to 32, cropped back).
 
@@ -93,11 +106,10 @@ class TimmUnet(nn.Module):
         self.in_chans = in_chans
         self.pad_mode = pad_mode
         self.config: dict[str, Any] = {}  # filled by the registered entry point
-        self.cnn = TimmCNNEncoder(cnn_name, in_chans, strides=_STRIDES, optional_strides=(2,), **(cnn_kwargs or {}))
-        self.pad_multiple = _STRIDES[-1]
-        self.decoder, self.segmentation_head = build_decoder(
-            decoder, in_chans, self.cnn.channels, decoder_channels, num_classes,
+        self.cnn, self.decoder, self.segmentation_head = unet_parts(
+            cnn_name, in_chans, num_classes, cnn_kwargs=cnn_kwargs, decoder=decoder, decoder_channels=decoder_channels,
             use_norm=decoder_use_norm, attention_type=decoder_attention_type, interpolation=decoder_interpolation)
+        self.pad_multiple = _STRIDES[-1]
 
     @property
     def encoders(self) -> dict[str, nn.Module]:
