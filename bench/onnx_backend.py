@@ -45,12 +45,14 @@ NAMES = {"onnx": "ONNX Runtime (segment.predict --backend onnx)", "torch": "PyTo
 def agreement(args: argparse.Namespace, onnx_path: Path) -> list[str]:
     import torch
 
-    from segment.data import find_pairs, get_class_map
+    from segment.class_maps import get_class_map
     from segment.evaluate import _read_truth
     from segment.infer import Predictor
     from segment.metrics import confusion_matrix, nasa_iou
     from segment.onnx_backend import onnx_predictor
-    from segment.stream import open_source, predict_stream
+    from segment.pairs import find_pairs
+    from segment.sources import open_source
+    from segment.stream import predict_stream
 
     torch.set_num_threads(args.threads)
     settings = dict(batch_size=args.batch)
@@ -104,7 +106,8 @@ def child(args: argparse.Namespace) -> None:
 
     from segment.infer import Predictor, tile_origins
     from segment.onnx_backend import onnx_predictor
-    from segment.stream import open_source, predict_stream
+    from segment.sources import open_source
+    from segment.stream import predict_stream
 
     torch.set_num_threads(args.threads)
     settings = dict(batch_size=args.batch)

@@ -43,7 +43,8 @@ def score_set(predictor, model, summary, class_map, pairs, tile):
     from segment.evaluate import _read_truth
     from segment.metrics import confusion_matrix, nasa_iou
     from segment.ood import EntropyTiles, native_tile, tile_features
-    from segment.stream import iter_logit_rows, open_source
+    from segment.sources import open_source
+    from segment.stream import iter_logit_rows
 
     rows = []
     for image, mask in pairs:
@@ -85,9 +86,10 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from pretrain.outputs import atomic_write_text
-    from segment.data import find_pairs, get_class_map
+    from segment.class_maps import get_class_map
     from segment.infer import Predictor
     from segment.ood import fit
+    from segment.pairs import find_pairs
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()

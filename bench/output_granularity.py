@@ -80,7 +80,7 @@ def class_map_name(set_name: str) -> str:
 def load_masks(root: Path, class_map) -> list[np.ndarray]:
     """Class-index maps of every test mask of a NASA-layout set, read as the product reads them."""
     from pretrain.io import read_raw
-    from segment.data import find_pairs
+    from segment.pairs import find_pairs
 
     return [class_map.encode(read_raw(m), m) for _, m in find_pairs(root, "test")]
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
 
     from pretrain.outputs import atomic_write_text
-    from segment.data import get_class_map
+    from segment.class_maps import get_class_map
 
     t0 = time.time()
     rows = []

@@ -21,7 +21,8 @@ import numpy as np
 
 from pretrain.io import read_raw
 from segment.checkpoint import resolve_checkpoint
-from segment.data import find_pairs, get_class_map
+from segment.class_maps import get_class_map
+from segment.pairs import find_pairs
 
 
 def main() -> None:

@@ -34,7 +34,8 @@ from torch.nn import functional as F
 
 from pretrain.io import read_micrograph, read_raw
 from pretrain.outputs import atomic_write_text
-from segment.data import find_pairs, get_class_map
+from segment.class_maps import get_class_map
+from segment.pairs import find_pairs
 from segment.infer import Predictor
 from segment.metrics import aggregate, confusion_matrix
 

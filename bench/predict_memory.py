@@ -61,7 +61,8 @@ def child(args: argparse.Namespace) -> None:
 
     from pretrain.intensity import to_float
     from segment.infer import Predictor
-    from segment.stream import open_source, predict_stream
+    from segment.sources import open_source
+    from segment.stream import predict_stream
     from segment.zoom import resize_image, resize_logits, zoomed_hw
 
     torch.set_num_threads(args.threads)

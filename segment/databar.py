@@ -82,7 +82,7 @@ def detect_databar(image, *, tol: float = 0.01, min_frac: float = 0.5, min_rows:
     Reads only the bottom ``max_fraction`` of the rows (plus ``context``), band by band.
     Thresholds as in :func:`find_databar`; ``tol`` is in units of the full intensity range.
     """
-    from segment.stream import ArraySource
+    from segment.sources import ArraySource
 
     source = ArraySource(image) if isinstance(image, np.ndarray) else image
     h, _ = source.shape

@@ -34,7 +34,7 @@ import numpy as np
 
 from pretrain.cli_checks import writable_dir
 from segment.checkpoint import atomic_write_text
-from segment.data import ClassMap, get_class_map
+from segment.class_maps import ClassMap, get_class_map
 from segment.infer import Predictor
 from segment.metrics import aggregate, confusion_matrix, summarize
 from segment.zoom import zoom_arg
@@ -113,7 +113,7 @@ def _read_image(predictor: Predictor, path: Path) -> np.ndarray:
 def _read_truth(path: Path, class_map: ClassMap) -> np.ndarray:
     """The mask's class indices; a missing, unreadable or off-map mask is a failure."""
     from pretrain.io import ImageReadError, read_raw
-    from segment.data import MaskError
+    from segment.class_maps import MaskError
 
     if not path.exists():
         raise PairFailure("missing_mask", path, f"{path}: mask file not found")
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     writable_dir(args.out, "--out")  # before loading the model: one line, not a failure at the first image
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from segment.data import find_pairs
+    from segment.pairs import find_pairs
 
     specs = [parse_set_arg(s) for s in args.sets]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -36,6 +36,7 @@ __all__ = [
     "gaussian_importance",
     "accumulate_tiles",
     "dihedral_transforms",
+    "pad_to",
     "Predictor",
 ]
 
@@ -162,7 +163,7 @@ def _undo(x: Tensor, t: Transform) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- padding
-def _pad_to(x: Tensor, hw: tuple[int, int]) -> Tensor:
+def pad_to(x: Tensor, hw: tuple[int, int]) -> Tensor:
     """Pad ``C x H x W`` at the bottom/right to at least ``hw`` by reflection, repeated as needed.
 
     An axis of one pixel cannot reflect and is replicated instead.
@@ -339,7 +340,7 @@ class Predictor:
 
     def _predict_logits(self, image: Tensor) -> Tensor:
         h, w = image.shape[-2:]
-        x = _pad_to(image.to(self.device, dtype=torch.float32), self.tile_hw)
+        x = pad_to(image.to(self.device, dtype=torch.float32), self.tile_hw)
         origins = tile_origins(tuple(x.shape[-2:]), self.tile_hw, self.step_fraction)
         try:
             logits, weights = self._accumulate(x, origins, acc_device=self.device)

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 
 from pretrain.io import list_images
 from pretrain.outputs import atomic_path, atomic_write_text
-from segment.infer import Origin, Predictor, _pad_to, compute_steps
-from segment.stream import RowSource, open_source, source_intensity_window
+from segment.infer import Origin, Predictor, compute_steps, pad_to
+from segment.sources import RowSource, open_source, source_intensity_window
 from segment.zoom import resize_image
 
 __all__ = ["native_tile", "tile_grid", "feature_module", "tile_features", "OODSummary", "fit", "fit_checkpoint", "image_entropy",
@@ -145,7 +145,7 @@ def tile_features(predictor: Predictor, model: nn.Module, source: RowSource, til
     for y in ys:
         rows = predictor.normalize(predictor.scale(source.rows(y, min(y + side, h)), window,
                                                    path=getattr(source, "path", None)))
-        rows = _pad_to(rows, (side, side))  # an image smaller than a tile: reflect-padded, as the predictor does
+        rows = pad_to(rows, (side, side))  # an image smaller than a tile: reflect-padded, as the predictor does
         batch = [resize_image(rows[:, :side, x : x + side], (tile, tile)) for x in xs]
         for i in range(0, len(batch), batch_size):
             feats.append(_features(model, torch.stack(batch[i : i + batch_size]).to(predictor.device)))

@@ -86,7 +86,8 @@ from segment.quantify import (
     quantify_labels,
     size_stats,
 )
-from segment.stream import CroppedSource, RowSource, open_source, predict_stream, thumbnail
+from segment.sources import CroppedSource, RowSource, open_source, thumbnail
+from segment.stream import predict_stream
 from segment.uncertainty import CI_COLUMNS, Bootstrap, folder_intervals, tile_table
 from segment.zoom import check_zoom, zoom_arg
 
@@ -974,7 +975,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _class_info(meta: Mapping[str, Any], num_classes: int | None) -> tuple[list[str], list[list[int]], int | None]:
-    from segment.data import get_class_map
+    from segment.class_maps import get_class_map
 
     names = list(meta.get("class_names") or [])
     background: int | None = 0

@@ -1,4 +1,4 @@
-"""segment.data: class maps, pairing, augmentation and the dataset, on tiny synthetic files."""
+"""segment.class_maps, segment.pairs, segment.augment and segment.data (the dataset), on tiny synthetic files."""
 from __future__ import annotations
 
 import logging
@@ -14,10 +14,10 @@ from PIL import Image
 from pretrain.intensity import scale_intensity
 from pretrain.io import ImageReadError, read_raw, write_tiff
 from segment import data as sd
-from segment.data import (
-    CLASS_MAPS, ClassMap, MaskError, MicrographCLAHE, SegmentationDataset, few_shot, find_pairs,
-    get_class_map, select_by_name, train_transform,
-)
+from segment.augment import MicrographCLAHE, train_transform
+from segment.class_maps import CLASS_MAPS, ClassMap, MaskError, MaskKind, get_class_map
+from segment.data import SegmentationDataset
+from segment.pairs import few_shot, find_pairs, select_by_name
 
 BLUE, RED = (0, 0, 255), (255, 0, 0)
 
@@ -105,11 +105,11 @@ def test_mask_kind_mismatch_is_a_clear_error() -> None:
 def test_user_class_map_from_config_dict() -> None:
     spec = OmegaConf.create({"names": ["bg", "pore", "grain"], "values": [0, [1, 2], 5], "default": 0})
     cm = get_class_map(spec)
-    assert cm.kind is sd.MaskKind.INDEX and cm.values == [[0], [1, 2], [5]]
+    assert cm.kind is MaskKind.INDEX and cm.values == [[0], [1, 2], [5]]
     np.testing.assert_array_equal(cm.encode(np.array([[0, 1, 2, 5, 99]], np.uint16)), [[0, 1, 1, 2, 0]])
     assert get_class_map(cm.to_dict()) == cm
     colour = get_class_map({"names": ["other", "phase"], "colors": [None, [0, 255, 0]], "default": 0})
-    assert colour.kind is sd.MaskKind.COLOR and len(colour.overlay_colors) == 2
+    assert colour.kind is MaskKind.COLOR and len(colour.overlay_colors) == 2
     assert CLASS_MAPS["super"].overlay_colors[1:] == [BLUE, RED]
 
 
@@ -137,7 +137,7 @@ def test_nasa_layout_with_awkward_names(tmp_path: Path, caplog: pytest.LogCaptur
     Image.fromarray(_super_overlay()[0]).save(tmp_path / "train_annot" / "a#1 (2)_mask.png")
     write_tiff(tmp_path / "train_annot" / "b c.tif", np.zeros((8, 8), np.uint8))  # EBC style
     write_tiff(tmp_path / "train_annot" / "orphan_mask.tif", np.zeros((8, 8), np.uint8))
-    with caplog.at_level(logging.WARNING, logger="segment.data"):
+    with caplog.at_level(logging.WARNING, logger="segment.pairs"):
         pairs = find_pairs(tmp_path, "train")
     assert [(i.name, m.name) for i, m in pairs] == [("a#1 (2).tif", "a#1 (2)_mask.png"),
                                                     ("b c.tif", "b c.tif")]

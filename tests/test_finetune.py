@@ -12,7 +12,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import segment.finetune as ft
+from segment import finetune_model
 from segment.config import register_configs
+from segment.finetune_data import load_data
+from segment.finetune_log import read_history
+from segment.finetune_model import build_model, export_intensity
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -50,7 +54,7 @@ def test_finetune_writes_run_folder(tmp_path):
     model, meta = load_model(run)
     assert meta["class_names"] == ["matrix", "secondary", "tertiary"]
     assert meta["intensity"] == "percentile"  # data.intensity default, read back by Predictor.from_checkpoint
-    assert len(ft.read_history(run / "history.csv")) == 2
+    assert len(read_history(run / "history.csv")) == 2
 
 
 def test_resume_after_interruption_continues_from_saved_step(tmp_path, monkeypatch):
@@ -70,7 +74,7 @@ def test_resume_after_interruption_continues_from_saved_step(tmp_path, monkeypat
 
     second = ft.train(make_cfg(run))
     assert second["global_step"] == 6  # continued from step 4, did not restart
-    rows = ft.read_history(run / "history.csv")
+    rows = read_history(run / "history.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
@@ -99,20 +103,18 @@ def test_bad_intensity_is_an_error(tmp_path):
 
 
 def test_encoder_intensity_mismatch_warns(tmp_path, monkeypatch, caplog):
-    import segment.weights
-
     export = tmp_path / "export"
     export.mkdir()
     (export / "encoder.safetensors").write_bytes(b"")
     (export / "encoder.json").write_text(json.dumps({"timm_name": "resnet18", "intensity": "percentile_0.5_99.5"}))
-    assert ft.export_intensity(export) == ft.export_intensity(export / "encoder.safetensors") == "percentile_0.5_99.5"
-    assert ft.export_intensity(tmp_path / "plain.pth") is None
-    monkeypatch.setattr(segment.weights, "load_model_encoders", lambda *a, **k: {})  # no real weights here
+    assert export_intensity(export) == export_intensity(export / "encoder.safetensors") == "percentile_0.5_99.5"
+    assert export_intensity(tmp_path / "plain.pth") is None
+    monkeypatch.setattr(finetune_model, "load_model_encoders", lambda *a, **k: {})  # no real weights here
     for intensity, warns in (("percentile", False), ("dtype", True)):
         caplog.clear()
         cfg = make_cfg(tmp_path / "run", f"+model.encoder_weights.cnn={export}", f"data.intensity={intensity}")
-        with caplog.at_level("WARNING", logger="segment.finetune"):
-            ft.build_model(cfg, 3)
+        with caplog.at_level("WARNING", logger="segment.finetune_model"):
+            build_model(cfg, 3)
         assert any("pretrained with intensity" in r.getMessage() for r in caplog.records) == warns
 
 
@@ -170,7 +172,7 @@ def test_zoom_trains_on_the_model_grid_and_evaluates_on_the_native_one(tmp_path)
     assert meta["model_pixel_size_nm"] == 10.0  # 5 nm/px micrographs seen at half size
     predictor = Predictor.from_checkpoint(run / "best")
     assert predictor.zoom == 0.5
-    data = ft.load_data(cfg)
+    data = load_data(cfg)
     native = SegmentationDataset(data.val_pairs, data.class_map)
     zoomed = SegmentationDataset(data.val_pairs, data.class_map, zoom=0.5)
     image, label = native.load(0)
@@ -192,7 +194,7 @@ def test_step_budget_is_exact_and_the_schedule_ends_with_it(tmp_path):
     run = tmp_path / "run"
     result = ft.train(make_cfg(run, "train.steps=5", "evaluate=false"))  # 3 steps per epoch: 2 epochs, the last partial
     assert result["global_step"] == 5 and result["stopped"] == "steps"
-    rows = ft.read_history(run / "history.csv")
+    rows = read_history(run / "history.csv")
     assert [r["step"] for r in rows] == [3, 5] and "val_miou" in rows[-1]  # the partial epoch is validated
     assert rows[-1]["lr"] < 0.05 * 5e-4  # the cosine reached its end with the budget, not with train.epochs
 
@@ -203,7 +205,7 @@ def test_time_budget_stops_mid_epoch_and_validates(tmp_path):
     assert result["global_step"] == 1 and result["stopped"].startswith("time budget")
     assert (run / "best" / "model.json").is_file()
     # the cosine follows the clock when it is the nearer budget: the run it stopped has annealed
-    assert ft.read_history(run / "history.csv")[-1]["lr"] < 0.05 * 5e-4
+    assert read_history(run / "history.csv")[-1]["lr"] < 0.05 * 5e-4
 
 
 def test_default_budget_and_epoch_do_not_depend_on_the_number_of_images(tmp_path):
@@ -246,7 +248,7 @@ def test_a_cnn_trains_channels_last_and_its_checkpoints_load(tmp_path, caplog):
 
     run = tmp_path / "run"
     cfg = make_cfg(run, "model.name=unet_test", "evaluate=false", "train.epochs=1")
-    model, _ = ft.build_model(cfg, 3)
+    model, _ = build_model(cfg, 3)
     assert ft.channels_last(model) and next(p for p in model.parameters() if p.ndim == 4).is_contiguous(
         memory_format=torch.channels_last)
     with caplog.at_level("INFO", logger="segment.finetune"):

@@ -16,7 +16,8 @@ from pretrain.io import write_tiff
 from segment.checkpoint import save_model
 from segment.data import SegmentationDataset
 from segment.infer import Predictor
-from segment.stream import iter_logit_rows, open_source
+from segment.sources import open_source
+from segment.stream import iter_logit_rows
 
 
 class Identity(nn.Module):

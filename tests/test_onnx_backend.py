@@ -16,7 +16,8 @@ from segment.infer import Predictor  # noqa: E402
 from segment.models import create_model  # noqa: E402
 from segment.onnx_backend import OnnxModule, onnx_predictor, require_onnxruntime  # noqa: E402
 from segment.predict import main  # noqa: E402
-from segment.stream import ArraySource, iter_logit_rows, predict_stream  # noqa: E402
+from segment.sources import ArraySource  # noqa: E402
+from segment.stream import iter_logit_rows, predict_stream  # noqa: E402
 
 NAMES = ["matrix", "secondary", "tertiary"]
 COLORS = [[0, 0, 0], [0, 0, 255], [255, 0, 0]]

@@ -16,7 +16,7 @@ import copy
 
 from segment.ood import EntropyTiles, OODSummary, fit, image_entropy, load, native_tile, tile_features, tile_grid
 from segment.predict import PredictOptions, main, predict_paths
-from segment.stream import ArraySource
+from segment.sources import ArraySource
 
 NAMES = ["matrix", "secondary", "tertiary"]
 COLORS = [[0, 0, 0], [0, 0, 255], [255, 0, 0]]
@@ -167,7 +167,8 @@ def test_cli_uses_the_checkpoint_summary(tmp_path, fitted):
 
 
 def test_finetune_fits_the_summary_into_best(tmp_path, fitted, caplog):
-    from segment import finetune as ft
+    from segment.finetune_data import Data
+    from segment.finetune_state import fit_ood
 
     ckpt, _, _ = fitted
     best = tmp_path / "best"
@@ -177,10 +178,10 @@ def test_finetune_fits_the_summary_into_best(tmp_path, fitted, caplog):
             (best / f.name).write_bytes(f.read_bytes())
     train = [(write(tmp_path / "tr", f"t{i}.png", superalloy((64, 128), seed=i)[0]), None) for i in range(2)]
     val = [(write(tmp_path / "va", "v.png", superalloy((64, 128), seed=9)[0]), None)]
-    ft.fit_ood(best, ft.Data(class_map=None, train_pairs=train, val_pairs=val), "cpu")
+    fit_ood(best, Data(class_map=None, train_pairs=train, val_pairs=val), "cpu")
     assert load(best).meta["train_images"] == 2 and load(best).meta["val_tiles"] == 2
     with caplog.at_level(logging.WARNING):
-        ft.fit_ood(tmp_path / "no_best", ft.Data(class_map=None, train_pairs=train, val_pairs=val), "cpu")
+        fit_ood(tmp_path / "no_best", Data(class_map=None, train_pairs=train, val_pairs=val), "cpu")
     assert "no OOD summary" in caplog.text  # logged, not raised: the trained model matters more
 
 

@@ -11,7 +11,8 @@ from pretrain.synthetic import superalloy
 from segment.infer import Predictor, tile_origins
 from segment.predict import PredictOptions, predict_paths
 from segment.progress import TileProgress, format_seconds
-from segment.stream import ArraySource, predict_stream
+from segment.sources import ArraySource
+from segment.stream import predict_stream
 from segment.zoom import zoomed_hw
 
 

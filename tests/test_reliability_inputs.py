@@ -24,10 +24,12 @@ import segment.checkpoint
 from pretrain import shards as sh
 from pretrain.data import _decode_field, list_shards
 from pretrain.io import ImageReadError, read_raw, write_tiff
-from segment.data import CLASS_MAPS, MaskError, SegmentationDataset
+from segment.class_maps import CLASS_MAPS, MaskError
+from segment.data import SegmentationDataset
 from segment.evaluate import evaluate_sets, main
 from segment.infer import Predictor
-from segment.stream import open_source, predict_stream
+from segment.sources import open_source
+from segment.stream import predict_stream
 
 CLASS_MAP = {"names": ["bg", "a", "b"], "values": [[0], [1], [2]]}
 
@@ -123,17 +125,18 @@ def test_evaluate_cli_fails_on_any_bad_image_unless_allowed(tmp_path, monkeypatc
 
 
 def test_finetune_evaluate_best_records_a_bad_test_image(tmp_path, monkeypatch):
-    from segment import finetune
+    from segment import finetune_state
+    from segment.finetune_data import Data
 
     d = tmp_path / "d"
     good = write_pair(d, "good", labels())
     bad_img, bad_mask = write_pair(d, "bad", labels())
     bad_img.write_bytes(b"")
     meta = {"tile_size": 8, "mean": [0.5], "std": [0.25], "intensity": "dtype"}
-    monkeypatch.setattr(segment.checkpoint, "load_model", lambda path: (NearestLevel(), meta))
+    monkeypatch.setattr(finetune_state, "load_model", lambda path: (NearestLevel(), meta))
     cfg = SimpleNamespace(train=SimpleNamespace(tile_overlap=0.5, tta=False, batch_size=4), overlays=1)
-    data = finetune.Data(CLASS_MAP, [], [], {"test": [good, (bad_img, bad_mask)]})
-    result = finetune.evaluate_best(tmp_path / "run", data, cfg, "cpu")  # must not raise after training
+    data = Data(CLASS_MAP, [], [], {"test": [good, (bad_img, bad_mask)]})
+    result = finetune_state.evaluate_best(tmp_path / "run", data, cfg, "cpu")  # must not raise after training
     assert result["test"]["n_images"] == 1
     rows = read_csv(tmp_path / "run" / "eval" / "failures.csv")
     assert [(r["problem"], Path(r["file"]).name) for r in rows] == [("unreadable_image", "bad.png")]
@@ -141,7 +144,7 @@ def test_finetune_evaluate_best_records_a_bad_test_image(tmp_path, monkeypatch):
 
 def test_finetune_keeps_a_test_set_whose_image_lacks_a_mask(tmp_path):
     """One image without a mask must not drop the whole test set: it is scored as a failure."""
-    from segment import finetune
+    from segment.finetune_data import load_data
 
     d = tmp_path / "d"
     for split in ("train", "val", "test"):
@@ -150,7 +153,7 @@ def test_finetune_keeps_a_test_set_whose_image_lacks_a_mask(tmp_path):
     (d / "test_annot" / "b.png").unlink()
     data = SimpleNamespace(class_map=CLASS_MAP, root=str(d), layout="auto", train_split="train", val_split="val",
                            train_names=[], n_train=None, test_splits=["test", "nothing"], extra_tests={})
-    loaded = finetune.load_data(SimpleNamespace(data=data, train=SimpleNamespace(seed=0)))
+    loaded = load_data(SimpleNamespace(data=data, train=SimpleNamespace(seed=0)))
     assert list(loaded.test_sets) == ["test"]  # the missing split is skipped, the test set kept
     assert [(i.name, m is None) for i, m in loaded.test_sets["test"]] == [("a.png", False), ("b.png", True)]
 
@@ -171,14 +174,14 @@ def test_stray_overlay_colours_warn_below_and_fail_above_a_share(tmp_path, caplo
     rgba = overlay_mask()
     rgba[0, :5, :3] = (0, 0, 250)  # 5 of 10000 px (0.05 %): a few lossy near-blue pixels
     path = write_tiff(tmp_path / "few_mask.tif", rgba)
-    with caplog.at_level(logging.WARNING, logger="segment.data"):
+    with caplog.at_level(logging.WARNING, logger="segment.class_maps"):
         out = CLASS_MAPS["super"].encode(read_raw(path), path)
     assert (out[0, :5] == 0).all() and (out[10:40, 10:40] == 1).all()  # read as matrix, reported
     assert "few_mask.tif" in caplog.text and "(0, 0, 250) x 5 px" in caplog.text
 
     caplog.clear()
     clean = write_tiff(tmp_path / "clean_mask.tif", overlay_mask())
-    with caplog.at_level(logging.WARNING, logger="segment.data"):
+    with caplog.at_level(logging.WARNING, logger="segment.class_maps"):
         CLASS_MAPS["super"].encode(read_raw(clean), clean)
     assert caplog.text == ""  # gray, blue and red only: nothing to report
 
@@ -192,11 +195,11 @@ def test_stray_overlay_colours_warn_below_and_fail_above_a_share(tmp_path, caplo
 
 
 def test_real_super_masks_hold_no_stray_colours(shared_data, caplog):
-    from segment.data import UNKNOWN_COLOUR_MAX_SHARE  # noqa: F401 - the named threshold exists
+    from segment.class_maps import UNKNOWN_COLOUR_MAX_SHARE  # noqa: F401 - the named threshold exists
 
     masks = sorted((shared_data / "nasa").glob("Super*/*_annot/*_mask.tif"))
     assert len(masks) >= 60
-    with caplog.at_level(logging.WARNING, logger="segment.data"):
+    with caplog.at_level(logging.WARNING, logger="segment.class_maps"):
         for mask in masks:
             CLASS_MAPS["super"].encode(read_raw(mask), mask)
     assert caplog.text == ""  # NASA's overlays are exactly gray, pure blue or pure red

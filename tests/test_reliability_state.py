@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 import segment.finetune as ft
 from pretrain.safe_state import CorruptCheckpointError, UnsafeCheckpointError, digest_files, no_code_execution
 from segment.config import register_configs
+from segment.finetune_log import read_history
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["model.name=cs_unet_test", "data=synthetic_super", "data.synthetic_size=64", "data.crop_size=64",
@@ -103,7 +104,7 @@ def test_damaged_latest_finetune_checkpoint_falls_back_to_the_earlier_one(tmp_pa
         result = ft.train(make_cfg(run, "train.epochs=3"))
     assert result["global_step"] == 9  # resumed at step 3 (epoch 1) and trained epochs 2 and 3 again
     assert str(damaged) in caplog.text and "step_0000003" in caplog.text
-    epochs = [r["epoch"] for r in ft.read_history(run / "history.csv")]
+    epochs = [r["epoch"] for r in read_history(run / "history.csv")]
     assert epochs == [1, 2, 3]
 
 
@@ -157,7 +158,7 @@ def test_history_keeps_its_column_types_after_a_resume(tmp_path, monkeypatch):
     header = lines[0].split(",")
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["3", "6"]
-    assert all(type(v) is int for r in ft.read_history(run / "history.csv") for k, v in r.items() if k in ("epoch", "step"))
+    assert all(type(v) is int for r in read_history(run / "history.csv") for k, v in r.items() if k in ("epoch", "step"))
 
 
 def test_a_shard_member_that_is_a_pickle_is_never_unpickled(tmp_path):

@@ -9,17 +9,19 @@ from _tiles import interior_mask
 from pretrain.intensity import intensity_range, intensity_window, scale_intensity, to_float
 from pretrain.io import read_micrograph, write_tiff
 from segment.infer import Predictor, compute_steps
-from segment.stream import (
+from segment.sources import (
     ArraySource,
     CroppedSource,
-    accumulator_bytes,
     TiffSource,
-    iter_logit_rows,
     open_source,
-    plan_bands,
-    predict_stream,
     source_intensity_window,
     thumbnail,
+)
+from segment.stream import (
+    accumulator_bytes,
+    iter_logit_rows,
+    plan_bands,
+    predict_stream,
 )
 
 
