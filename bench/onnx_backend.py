@@ -104,10 +104,11 @@ def child(args: argparse.Namespace) -> None:
     import tifffile
     import torch
 
-    from segment.infer import Predictor, tile_origins
+    from segment.infer import Predictor
     from segment.onnx_backend import onnx_predictor
     from segment.sources import open_source
     from segment.stream import predict_stream
+    from segment.tiling import tile_origins
 
     torch.set_num_threads(args.threads)
     settings = dict(batch_size=args.batch)

@@ -14,7 +14,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pretrain.outputs import atomic_dir, atomic_write_text, replace_dir  # noqa: F401  (re-exported: one atomic writer)
+from pretrain.outputs import atomic_dir
+from segment.models import create_model
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from a checkpoint folder (or run folder) and load its weights."""
-    from segment.models import create_model
-
     ckpt = resolve_checkpoint(path)
     try:
         meta = json.loads((ckpt / META_FILE).read_text())

@@ -1,137 +1,33 @@
-"""Sliding-window inference shared by ``segment.evaluate`` and ``segment.predict``.
+"""The predictor: a model, its tile settings and its input mapping, for ``segment.evaluate``,
+``segment.predict`` and fine-tuning's validation.
 
-Convention (nnU-Net's, DESIGN.md 4): tiles of the training crop size, step ``tile * (1 - overlap)``
-spread evenly so the last tile of each row and column sits flush with the border; only an image
-smaller than a tile is padded (reflect) and cropped back. Tile *logits* are weighted by a Gaussian
-importance map (sigma = tile / 8, minimum clipped to its smallest non-zero value), summed, and
-divided once by the summed weights. Test-time augmentation averages the logits of the dihedral
-transforms after undoing each one.
-
-The pieces are small on purpose, so that a band-wise streaming predictor for huge images can reuse
-them: :func:`compute_steps` / :func:`tile_origins` (pure geometry, row-major), :func:`gaussian_importance`
-(cached weights), :meth:`Predictor.predict_tiles` (one batch of tiles -> logits) and
-:func:`accumulate_tiles` (add one weighted batch into accumulators at given origins).
+:class:`Predictor` holds what inference needs besides the pixels (tile, overlap, Gaussian weights,
+test-time augmentation, intensity mapping, mean/std, zoom) and runs one batch of tiles
+(:meth:`Predictor.predict_tiles`; TTA averages the logits of the dihedral transforms after undoing
+each one). The tiles themselves are cut, weighted and blended by the one tile loop,
+:mod:`segment.tiling`, for an image in memory (:meth:`Predictor.predict_logits`) as for one read band
+by band (:mod:`segment.stream`).
 """
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from pretrain.intensity import canonical_intensity, scale_intensity
+from segment.checkpoint import load_model
+from segment.tiling import TensorRows, gaussian_importance, tile_logit_rows
 from segment.zoom import check_zoom, resize_image, resize_logits, zoomed_hw
 
-__all__ = [
-    "compute_steps",
-    "tile_origins",
-    "gaussian_importance",
-    "accumulate_tiles",
-    "dihedral_transforms",
-    "pad_to",
-    "Predictor",
-]
+__all__ = ["dihedral_transforms", "Predictor"]
 
 logger = logging.getLogger(__name__)
-
-Origin = tuple[int, int]
-
-
-# ----------------------------------------------------------------------------- tile geometry
-def compute_steps(image_size: int, tile: int, step_fraction: float) -> list[int]:
-    """Tile start offsets along one axis (nnU-Net convention).
-
-    ``step_fraction`` is the step as a fraction of the tile (``1 - overlap``; 0.5 by default in
-    :class:`Predictor`). The number of tiles is the fewest whose step does not exceed
-    ``tile * step_fraction``; the steps are spread evenly so the first tile starts at 0 and the
-    last ends exactly at ``image_size``. An image no larger than a tile gets one tile at 0 (the
-    caller pads it).
-    """
-    if tile < 1:
-        raise ValueError(f"tile must be >= 1, got {tile}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
-    if not 0.0 < step_fraction <= 1.0:
-        raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction}")
-    if image_size <= tile:
-        return [0]
-    span = image_size - tile
-    target_step = tile * step_fraction
-    n = math.ceil(span / target_step - 1e-9) + 1
-    actual = span / (n - 1)
-    return [int(round(actual * i)) for i in range(n)]
-
-
-def tile_origins(
-    image_hw: tuple[int, int], tile_hw: tuple[int, int], step_fraction: float
-) -> list[Origin]:
-    """All ``(y, x)`` tile origins, row-major (every tile of a row band before the next band)."""
-    ys = compute_steps(image_hw[0], tile_hw[0], step_fraction)
-    xs = compute_steps(image_hw[1], tile_hw[1], step_fraction)
-    return [(y, x) for y in ys for x in xs]
-
-
-@lru_cache(maxsize=16)
-def _gaussian_cached(tile_hw: tuple[int, int], sigma_scale: float) -> np.ndarray:
-    axes = []
-    for n in tile_hw:
-        sigma = max(n * sigma_scale, 1e-6)
-        r = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
-        axes.append(np.exp(-0.5 * (r / sigma) ** 2))
-    g = np.outer(axes[0], axes[1])
-    g /= g.max()
-    g = g.astype(np.float32)
-    nonzero = g[g > 0]
-    g[g <= 0] = nonzero.min() if nonzero.size else 1.0
-    g.setflags(write=False)
-    return g
-
-
-def gaussian_importance(tile_hw: tuple[int, int] | int, sigma_scale: float = 1.0 / 8) -> np.ndarray:
-    """Gaussian importance map for one tile: float32, peak 1 at the centre, no zeros.
-
-    ``sigma = size * sigma_scale`` per axis; the map is symmetric under flips (and rot90 for square
-    tiles), so test-time augmentation does not change a tile's weight. Values that underflow to 0
-    are set to the smallest non-zero value so borders never get weight 0. Cached and read-only.
-    """
-    hw = (tile_hw, tile_hw) if isinstance(tile_hw, int) else (int(tile_hw[0]), int(tile_hw[1]))
-    if min(hw) < 1:
-        raise ValueError(f"tile size must be positive, got {hw}")
-    if sigma_scale <= 0:
-        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
-    return _gaussian_cached(hw, float(sigma_scale))
-
-
-def accumulate_tiles(
-    logits_acc: Tensor,
-    weight_acc: Tensor,
-    tile_logits: Tensor,
-    origins: Sequence[Origin],
-    weight: Tensor,
-    offset: Origin = (0, 0),
-) -> None:
-    """Add weighted tile logits into accumulators, in place.
-
-    ``logits_acc`` is ``K x H x W`` and ``weight_acc`` ``1 x H x W``; ``tile_logits`` is
-    ``B x K x th x tw`` placed at ``origins`` (image coordinates) minus ``offset`` (the
-    accumulators' own origin: (0, 0) for a whole image, the band's first row for a stream).
-    ``weight`` is ``th x tw``.
-    """
-    th, tw = tile_logits.shape[-2:]
-    w = weight.to(device=logits_acc.device, dtype=logits_acc.dtype)
-    tile_logits = tile_logits.to(device=logits_acc.device, dtype=logits_acc.dtype)
-    for (y, x), t in zip(origins, tile_logits, strict=True):
-        y0, x0 = y - offset[0], x - offset[1]
-        logits_acc[:, y0 : y0 + th, x0 : x0 + tw].addcmul_(t, w)
-        weight_acc[:, y0 : y0 + th, x0 : x0 + tw].add_(w)
 
 
 # ----------------------------------------------------------------------------- test-time augmentation
@@ -160,22 +56,6 @@ def _undo(x: Tensor, t: Transform) -> Tensor:
     if k:
         x = torch.rot90(x, -k, dims=(-2, -1))
     return torch.flip(x, dims=(-1,)) if flip else x
-
-
-# ----------------------------------------------------------------------------- padding
-def pad_to(x: Tensor, hw: tuple[int, int]) -> Tensor:
-    """Pad ``C x H x W`` at the bottom/right to at least ``hw`` by reflection, repeated as needed.
-
-    An axis of one pixel cannot reflect and is replicated instead.
-    """
-    while True:
-        h, w = x.shape[-2:]
-        ph, pw = max(hw[0] - h, 0), max(hw[1] - w, 0)
-        if not (ph or pw):
-            return x
-        if (ph and h == 1) or (pw and w == 1):
-            return F.pad(x[None], (0, pw, 0, ph), mode="replicate")[0]
-        x = F.pad(x[None], (0, min(pw, w - 1), 0, min(ph, h - 1)), mode="reflect")[0]
 
 
 def _argmax_uint8(logits: Tensor) -> np.ndarray:
@@ -262,8 +142,6 @@ class Predictor:
         checkpoints from before those keys were trained that way); the metadata is kept on
         ``predictor.meta``.
         """
-        from segment.checkpoint import load_model
-
         model, meta = load_model(path)
         settings.setdefault("intensity", meta.get("intensity", "dtype"))
         settings.setdefault("zoom", meta.get("zoom", 1.0))
@@ -317,18 +195,13 @@ class Predictor:
             total = total + _undo(self._forward(_apply(tiles, t)), t)
         return total / len(transforms)
 
-    def _batches(self, image: Tensor, origins: Sequence[Origin]) -> Iterator[tuple[list[Origin], Tensor]]:
-        th, tw = self.tile_hw
-        for i in range(0, len(origins), self.batch_size):
-            chunk = list(origins[i : i + self.batch_size])
-            yield chunk, torch.stack([image[:, y : y + th, x : x + tw] for y, x in chunk])
-
     @torch.inference_mode()
     def predict_logits(self, image: Tensor) -> Tensor:
         """Sliding-window logits of one normalised ``C x H x W`` image: float32 ``K x H x W`` on CPU.
 
-        With ``zoom != 1`` the image is resized by ``zoom`` first and the logits resized back to
-        ``H x W`` (:mod:`segment.zoom`).
+        The tiles run through :func:`segment.tiling.tile_logit_rows`, the loop the band-wise
+        predictor uses too. With ``zoom != 1`` the image is resized by ``zoom`` first and the logits
+        resized back to ``H x W`` (:mod:`segment.zoom`).
         """
         if image.dim() != 3:
             raise ValueError(f"expected a C x H x W tensor, got shape {tuple(image.shape)}")
@@ -339,42 +212,8 @@ class Predictor:
         return resize_logits(self._predict_logits(small), hw)
 
     def _predict_logits(self, image: Tensor) -> Tensor:
-        h, w = image.shape[-2:]
-        x = pad_to(image.to(self.device, dtype=torch.float32), self.tile_hw)
-        origins = tile_origins(tuple(x.shape[-2:]), self.tile_hw, self.step_fraction)
-        try:
-            logits, weights = self._accumulate(x, origins, acc_device=self.device)
-        except torch.OutOfMemoryError:
-            if self.device.type == "cpu":
-                raise
-            logger.warning("out of device memory for the accumulators; retrying with them on the CPU")
-            torch.cuda.empty_cache()
-            logits, weights = self._accumulate(x, origins, acc_device=torch.device("cpu"))
-        logits = logits.div_(weights)[:, :h, :w]
-        if not torch.isfinite(logits).all():
-            raise RuntimeError("non-finite logits (NaN/inf) from the model")
-        return logits.cpu()
-
-    def _accumulate(
-        self, x: Tensor, origins: Sequence[Origin], acc_device: torch.device
-    ) -> tuple[Tensor, Tensor]:
-        weight = self.importance()
-        logits_acc: Tensor | None = None
-        weight_acc = torch.zeros((1, *x.shape[-2:]), dtype=torch.float32, device=acc_device)
-        batches: Iterable[tuple[list[Origin], Tensor]] = self._batches(x, origins)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=math.ceil(len(origins) / self.batch_size), desc="tiles",
-                           leave=False)
-        for chunk, tiles in batches:
-            out = self.predict_tiles(tiles)
-            if logits_acc is None:
-                logits_acc = torch.zeros((out.shape[1], *x.shape[-2:]), dtype=torch.float32,
-                                         device=acc_device)
-            accumulate_tiles(logits_acc, weight_acc, out, chunk, weight)
-        assert logits_acc is not None
-        return logits_acc, weight_acc
+        rows = TensorRows(image.to(self.device, dtype=torch.float32))
+        return torch.cat([block.cpu() for _, block in tile_logit_rows(self, rows)], dim=1)
 
     def predict_labels(self, image: Tensor) -> np.ndarray:
         """Argmax class indices (uint8 ``H x W``) of a normalised ``C x H x W`` image."""

@@ -50,8 +50,9 @@ from torch import Tensor, nn
 
 from pretrain.io import list_images
 from pretrain.outputs import atomic_path, atomic_write_text
-from segment.infer import Origin, Predictor, compute_steps, pad_to
+from segment.infer import Predictor
 from segment.sources import RowSource, open_source, source_intensity_window
+from segment.tiling import Origin, compute_steps, pad_to
 from segment.zoom import resize_image
 
 __all__ = ["native_tile", "tile_grid", "feature_module", "tile_features", "OODSummary", "fit", "fit_checkpoint", "image_entropy",

@@ -1,7 +1,7 @@
 """Progress of one image's tiles that tells the truth: tiles done of the plan's total, tiles/s and ETA.
 
 The band-wise predictor (:mod:`segment.stream`) knows before the first tile how many tiles an
-image needs (its :class:`~segment.stream.BandPlan`), so the total is exact, also for a single
+image needs (its :class:`~segment.tiling.BandPlan`), so the total is exact, also for a single
 10k x 10k micrograph. The rate is the plain average since the image's first tile batch began
 (tiles done / seconds elapsed), not a smoothed recent rate, and the ETA is the
 tiles left at that rate. On a terminal a tqdm bar shows it; otherwise (a log file, a batch job)

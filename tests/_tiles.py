@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from segment.infer import compute_steps
+from segment.tiling import compute_steps
 
 
 def interior_mask(h: int, w: int, tile: int, step_fraction: float, radius: int) -> torch.Tensor:

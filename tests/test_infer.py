@@ -6,13 +6,8 @@ from torch import nn
 
 from _tiles import interior_mask
 from pretrain.intensity import scale_intensity, to_float
-from segment.infer import (
-    Predictor,
-    compute_steps,
-    dihedral_transforms,
-    gaussian_importance,
-    tile_origins,
-)
+from segment.infer import Predictor, dihedral_transforms
+from segment.tiling import compute_steps, gaussian_importance, tile_origins
 
 
 # ----------------------------------------------------------------------------- geometry

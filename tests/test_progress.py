@@ -8,11 +8,12 @@ from PIL import Image
 from torch import nn
 
 from pretrain.synthetic import superalloy
-from segment.infer import Predictor, tile_origins
+from segment.infer import Predictor
 from segment.predict import PredictOptions, predict_paths
 from segment.progress import TileProgress, format_seconds
 from segment.sources import ArraySource
 from segment.stream import predict_stream
+from segment.tiling import tile_origins
 from segment.zoom import zoomed_hw
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from _tiles import interior_mask
 from pretrain.intensity import intensity_range, intensity_window, scale_intensity, to_float
 from pretrain.io import read_micrograph, write_tiff
-from segment.infer import Predictor, compute_steps
+from segment.infer import Predictor
 from segment.sources import (
     ArraySource,
     CroppedSource,
@@ -17,12 +17,8 @@ from segment.sources import (
     source_intensity_window,
     thumbnail,
 )
-from segment.stream import (
-    accumulator_bytes,
-    iter_logit_rows,
-    plan_bands,
-    predict_stream,
-)
+from segment.stream import iter_logit_rows, predict_stream
+from segment.tiling import accumulator_bytes, compute_steps, plan_bands
 
 
 class Identity(nn.Module):
