@@ -6,8 +6,9 @@
 
 For each seed (outer loop, so a stopped run leaves whole seeds) and case, `bench/plain_baseline.py` and each
 `--product` (a name and its `segment.finetune` overrides) train on the case's one training set for
-`--minutes` of wall time each, as separate processes with one thread, `--parallel` at a time (2: one per
-core here, the peer and the product of one cell side by side, so both see the same machine load). The
+`--minutes` of wall time each, as separate processes with one thread, all runners of one cell at once (the
+peer and every product side by side, so all see the same machine load; the next cell starts when the whole
+cell is done). The
 product runs with its defaults except the model, the data preset, `train.max_minutes` (its step budget set
 out of reach, so the clock is the budget and the cosine follows it) and the seed. Both are scored with the
 product's NASA IoU code on the case's test split and its out-of-distribution set. A finished job (its
@@ -30,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
-from pretrain.outputs import atomic_path, atomic_write_text  # noqa: E402
+from pretrain.outputs import atomic_write_text, write_csv  # noqa: E402
 
 DATA = Path(os.environ.get("MSEG_DATA", REPO.parent / "shared" / "data"))
 
@@ -77,14 +78,16 @@ def plan(cases: list[str], seeds: list[int], products: dict[str, list[str]]) -> 
             for job in [Job(PLAIN, case, seed)] + [Job(n, case, seed, tuple(o)) for n, o in products.items()]]
 
 
-def run_jobs(jobs: list[Job], out: Path, minutes: float, parallel: int) -> None:
-    """Run the unfinished jobs, `parallel` at a time, each with one thread; a failed job is reported, not fatal."""
-    todo = [j for j in jobs if not j.result(out).is_file()]
+def run_jobs(jobs: list[Job], out: Path, minutes: float) -> None:
+    """Run the unfinished jobs cell by cell: every runner of one (case, seed) cell at once, each a process with
+    one thread, and the next cell only when the whole cell has finished, so that the peer and the products of
+    a cell share the machine's load from start to end. A failed job is reported, not fatal."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    running: list[tuple[Job, subprocess.Popen, float, tuple]] = []
-    while todo or running:
-        while todo and len(running) < parallel:
-            job = todo.pop(0)
+    cells = dict.fromkeys((j.case, j.seed) for j in jobs)
+    for cell in cells:
+        todo = [j for j in jobs if (j.case, j.seed) == cell and not j.result(out).is_file()]
+        running = []
+        for job in todo:
             folder = out / job.name
             folder.mkdir(parents=True, exist_ok=True)
             cmd = job.command(out, minutes)
@@ -93,14 +96,10 @@ def run_jobs(jobs: list[Job], out: Path, minutes: float, parallel: int) -> None:
             running.append((job, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
                             time.time(), os.getloadavg()))
             print(f"started {job.name}", flush=True)
-        time.sleep(5)
-        for item in list(running):
-            job, proc, t0, load0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
+        for job, proc, t0, load0 in running:
+            proc.wait()
             info = dict(rc=proc.returncode, wall_min=(time.time() - t0) / 60, load_start=load0,
-                        load_end=os.getloadavg(), parallel=parallel)
+                        load_end=os.getloadavg(), side_by_side=[j.name for j, *_ in running])
             atomic_write_text(out / job.name / "job.json", json.dumps(info) + "\n")
             status = "done" if proc.returncode == 0 and job.result(out).is_file() else f"FAILED (rc {proc.returncode})"
             print(f"{status}: {job.name} after {info['wall_min']:.1f} min", flush=True)
@@ -154,10 +153,7 @@ def summarize(rows: list[dict], runners: list[str]) -> str:
 def collect(jobs: list[Job], out: Path) -> str:
     rows = [row for job in jobs if job.result(out).is_file() for row in read_job(job, out)]
     if rows:
-        with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(out / "results.csv", list(rows[0]), rows)
     text = summarize(rows, list(dict.fromkeys(j.runner for j in jobs)))
     atomic_write_text(out / "summary.md", text)
     return text
@@ -178,14 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--product", type=parse_product, action="append",
                     help="NAME='segment.finetune overrides' (repeatable; default unet_lite='model=unet_lite')")
-    ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--collect-only", action="store_true")
     args = ap.parse_args(argv)
     products = dict(args.product or [("unet_lite", ["model=unet_lite"])])
     jobs = plan(args.cases, args.seeds, products)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.collect_only:
-        run_jobs(jobs, args.out, args.minutes, args.parallel)
+        run_jobs(jobs, args.out, args.minutes)
     print(collect(jobs, args.out))
     return 0
 

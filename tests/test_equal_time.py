@@ -53,3 +53,25 @@ def test_collect_reads_both_formats_and_reports_mean_and_spread(tmp_path):
     assert "| super3 | Super3:test (in) | 91.0 ± 1.4 (tertiary 70.0 ± 0.0; n=2, steps 190/190) |" \
            " 95.0 ± 1.4 (tertiary 75.0 ± 0.0; n=2, steps 185/185) |" in text
     assert "| super3 | Super4:test (ood) | 71.0 ± 1.4" in text and "85.0 ± 1.4" in text
+
+
+def test_cells_run_side_by_side_and_one_after_another(tmp_path, monkeypatch):
+    """Every runner of a cell starts before any of them ends; the next cell starts after the whole cell."""
+    def command(self, out, minutes):
+        code = ("import json, pathlib, sys, time; t0 = time.time(); time.sleep(0.5); p = pathlib.Path(sys.argv[1]); "
+                "p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps([t0, time.time()]))")
+        return [sys.executable, "-c", code, str(self.result(out))]
+
+    monkeypatch.setattr(et.Job, "command", command)
+    jobs = et.plan(["super3"], [0, 1], {"unet_lite": [], "cs": []})
+    et.run_jobs(jobs, tmp_path, 0.01)
+    span = {j.name: json.loads(j.result(tmp_path).read_text()) for j in jobs}
+    cell0 = [span[j.name] for j in jobs if j.seed == 0]
+    cell1 = [span[j.name] for j in jobs if j.seed == 1]
+    assert len(cell0) == len(cell1) == 3
+    assert max(s for s, _ in cell0) < min(e for _, e in cell0)  # side by side
+    assert max(e for _, e in cell0) <= min(s for s, _ in cell1)  # one cell after the other
+    info = json.loads((tmp_path / jobs[0].name / "job.json").read_text())
+    assert info["rc"] == 0 and len(info["side_by_side"]) == 3
+    et.run_jobs(jobs, tmp_path, 0.01)  # all finished: nothing reruns
+    assert {j.name: json.loads(j.result(tmp_path).read_text()) for j in jobs} == span
