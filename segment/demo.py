@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from segment.checkpoint import atomic_write_text
+from pretrain.outputs import atomic_write_text
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

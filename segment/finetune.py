@@ -34,9 +34,10 @@ from tqdm.auto import tqdm
 
 from pretrain.checkpointing import CheckpointManager, Preemption
 from pretrain.cli_checks import check_config_keys, check_overrides
+from pretrain.outputs import atomic_write_text
 from pretrain.throughput import adamw, channels_last, enable_sdpa, enable_tf32
 from segment.augment import train_transform
-from segment.checkpoint import atomic_write_text, save_model
+from segment.checkpoint import save_model
 from segment.config import DEFAULT_STEPS, STEPS_PER_EPOCH, FinetuneConfig, Schedule, register_configs
 from segment.data import SegmentationDataset
 from segment.finetune_data import load_data, prepare_synthetic, synthetic_to_generate
