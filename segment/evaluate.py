@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.cli_checks import writable_dir
-from segment.checkpoint import atomic_write_text
+from pretrain.outputs import atomic_write_text
 from segment.class_maps import ClassMap, get_class_map
 from segment.infer import Predictor
 from segment.metrics import aggregate, confusion_matrix, summarize

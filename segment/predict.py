@@ -68,9 +68,8 @@ from typing import Any
 import numpy as np
 
 from pretrain.io import IMAGE_SUFFIXES, list_images, write_tiff
-from pretrain.outputs import atomic_path, remove_stale_temps
+from pretrain.outputs import atomic_path, atomic_write_text, remove_stale_temps
 from pretrain.cli_checks import writable_dir
-from segment.checkpoint import atomic_write_text
 from segment.databar import detect_databar
 from segment.infer import Predictor
 from segment.onnx_backend import BACKENDS, onnx_predictor, weights_digest
