@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "gpu_check")
     args = ap.parse_args(argv)
 
-    from pretrain.train import auto_precision
+    from pretrain.accelerate_setup import auto_precision
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():

@@ -132,7 +132,7 @@ def per_class(holdout: Path, export: Path, args) -> str:
     import torch.nn.functional as F
 
     from pretrain.encoders import build_encoder
-    from pretrain.knn import _crops, extract_features, load_holdout
+    from pretrain.knn import extract_features, holdout_crops, load_holdout
     from pretrain.views import EvalView
     from segment.weights import read_checkpoint
 
@@ -142,7 +142,7 @@ def per_class(holdout: Path, export: Path, args) -> str:
     view = EvalView(args.global_size, resize=True, channels=1, mean=0.5, std=0.25)
     images = [(f, classes.index(c)) for side in ("train", "test") for c in classes
               for f in sorted((holdout / side / c).iterdir())]
-    crops = [torch.stack(_crops(f, crop_size=args.knn_crop, n=args.knn_crops, view=view)) for f, _ in images]
+    crops = [torch.stack(holdout_crops(f, crop_size=args.knn_crop, n=args.knn_crops, view=view)) for f, _ in images]
     torch.manual_seed(0)
     encoders = [("swin_lite, random init (seed 0)", build_encoder("swin_lite", in_chans=1, img_size=args.global_size)[0])]
     weights = export / "encoder.safetensors"

@@ -11,7 +11,7 @@ kept in `--corpus DIR`). Every file is read once before timing, so both sides st
 
 Ours: `write_shards([folder], out, maxcount=--maxcount, workers=W, progress=False)` into a fresh
 folder: plans shards from the image headers, decodes every file (16 bits kept, equal RGB channels
-collapsed), re-encodes it as a lossless gray PNG (zlib level ``pretrain.shards._PNG_LEVEL``) with a JSON record, sha256 of every
+collapsed), re-encodes it as a lossless gray PNG (zlib level ``pretrain.shard_write.PNG_LEVEL``) with a JSON record, sha256 of every
 shard, fsync + rename, manifest. W = 1 runs in this process; W = 2 starts a 'spawn' pool (its start-up
 is part of the time). Peer: `tar -c -h -f out.tar -C folder .` (links followed) plus an fsync of the
 archive, so both sides end with data on disk; tar only copies bytes. The ratio ours/tar is therefore
@@ -21,7 +21,7 @@ gray 8/16-bit TIFF/PNG/JPEG bytes copied after a header check, every N-th file d
 with the loader's decoding, the rest (here the NASA RGB-with-equal-channels TIFFs) re-encoded.
 The writers alternate (order rotated every repeat); the table gives the median of `--repeats`.
 
-``--png-levels 6 1`` adds an encode-only table: `pretrain.shards._encode` of every corpus image (gray,
+``--png-levels 6 1`` adds an encode-only table: `pretrain.shard_write.encode_image` of every corpus image (gray,
 native dtype) at each zlib level, levels alternating, median of `--repeats`: MB/s of raw pixels and
 encoded size. It is how the writer's level (1) was chosen.
 """
@@ -57,7 +57,7 @@ def encode_levels(files: list[Path], levels: list[int], repeats: int) -> str:
     """Encode-only throughput and size of the shard PNG encoding at each zlib level (see the docstring)."""
     import numpy as np
 
-    import pretrain.shards as shards
+    import pretrain.shard_write as shard_write
     from pretrain.io import read_raw
 
     images = []
@@ -67,16 +67,16 @@ def encode_levels(files: list[Path], levels: list[int], repeats: int) -> str:
     raw = sum(a.nbytes for a in images)
     walls: dict[int, list[float]] = {lvl: [] for lvl in levels}
     sizes: dict[int, int] = {}
-    saved = shards._PNG_LEVEL
+    saved = shard_write.PNG_LEVEL
     try:
         for _ in range(repeats):
             for lvl in levels:
-                shards._PNG_LEVEL = lvl
+                shard_write.PNG_LEVEL = lvl
                 t0 = time.perf_counter()
-                sizes[lvl] = sum(len(shards._encode(a)[1]) for a in images)
+                sizes[lvl] = sum(len(shard_write.encode_image(a)[1]) for a in images)
                 walls[lvl].append(time.perf_counter() - t0)
     finally:
-        shards._PNG_LEVEL = saved
+        shard_write.PNG_LEVEL = saved
     base = statistics.median(walls[levels[0]])
     lines = [f"PNG encoding only, {len(images)} images, {raw / 1e6:.1f} MB of raw pixels, median of {repeats}", "",
              f"| zlib level | s | raw MB/s | encoded MB | encoded / raw | speed vs level {levels[0]} |",

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
 __all__ = [
+    "CONFIG_DIR",
     "CheckpointConfig",
     "DataConfig",
     "DeepSpeedStage",
@@ -38,6 +40,8 @@ __all__ = [
     "register_configs",
 ]
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repository's Hydra configs (and DeepSpeed JSONs)
+
 
 class MethodName(str, Enum):
     """Pretraining methods (``pretrain.methods.METHODS``)."""
@@ -50,6 +54,9 @@ class MethodName(str, Enum):
 
 
 class Precision(str, Enum):
+    """Mixed precision, as accelerate's ``mixed_precision`` (pretraining's ``precision``, fine-tuning's
+    ``train.precision``). ``auto`` is pretraining's only: fine-tuning refuses it (``segment.config``)."""
+
     auto = "auto"  # bf16 on a GPU with native bf16, fp16 (loss-scaled) on one that emulates it (V100, T4), else fp32
     no = "no"
     bf16 = "bf16"

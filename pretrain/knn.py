@@ -32,10 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.data import normalize_intensity
+from pretrain.io import list_images, read_micrograph, write_tiff
+from pretrain.synthetic import GENERATORS, Shift
+from pretrain.views import EvalView
+
 __all__ = [
     "Holdout",
     "KnnProbe",
     "extract_features",
+    "holdout_crops",
     "knn_accuracy",
     "load_holdout",
     "refit_batchnorm",
@@ -167,8 +173,6 @@ class Holdout:
 
 
 def _class_folders(root: Path) -> dict[str, list[Path]]:
-    from pretrain.io import list_images
-
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     return {f.name: images for f in folders if (images := list_images(f))}
 
@@ -183,10 +187,9 @@ def _crop_positions(h: int, w: int, crop: int, n: int) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r in rows for c in cols][:n]
 
 
-def _crops(path: Path, *, crop_size: int, n: int, view, intensity: str = "percentile") -> list[Tensor]:
-    from pretrain.data import normalize_intensity
-    from pretrain.io import read_micrograph
-
+def holdout_crops(path: Path, *, crop_size: int, n: int, view, intensity: str = "percentile") -> list[Tensor]:
+    """The image at ``path`` scaled by ``intensity``, cut into ``n`` crops of ``crop_size`` native pixels
+    on an even grid, each passed through ``view`` (as :func:`load_holdout` does)."""
     image = read_micrograph(path).image
     if image.ndim == 3:
         image = image.mean(axis=-1)
@@ -219,8 +222,6 @@ def load_holdout(
     ``mean``/``std`` (channels repeated to ``in_chans``). At most ``max_images_per_class`` images
     per class and split are used (evenly spaced in the sorted listing).
     """
-    from pretrain.views import EvalView
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"k-NN holdout folder not found: {root}")
@@ -242,7 +243,7 @@ def load_holdout(
             if len(files) > max_images_per_class:
                 files = [files[i] for i in np.linspace(0, len(files) - 1, max_images_per_class).round().astype(int)]
             for path in files:
-                crops = _crops(path, crop_size=crop_size, n=crops_per_image, view=view, intensity=intensity)
+                crops = holdout_crops(path, crop_size=crop_size, n=crops_per_image, view=view, intensity=intensity)
                 images += crops
                 labels += [classes.index(c)] * len(crops)
         if not images:
@@ -268,9 +269,6 @@ def write_synthetic_holdout(root: str | os.PathLike[str], *, n_per_class: int = 
     """Write the default holdout: ``train/`` and ``test/``, each with ``superalloy/`` and
     ``coating/`` images (``n_per_class`` each). Train images use the training imaging conditions,
     test images cycle through four imaging shifts. Seeds differ from the corpus'. Returns ``root``."""
-    from pretrain.io import write_tiff
-    from pretrain.synthetic import GENERATORS, Shift
-
     root = Path(root)
     for split, offset in (("train", 0), ("test", 50_000)):
         for kind in ("superalloy", "coating"):

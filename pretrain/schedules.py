@@ -8,10 +8,17 @@ into the param groups through their multipliers, and freezes the groups marked `
 nothing may run between backward and step, so freezing must be an lr, not a gradient edit.
 
 Loop order: ``apply_to_optimizer`` -> forward -> backward -> step -> ``update_teacher(momentum)``.
+
+:func:`schedule_config` turns a :class:`pretrain.config.PretrainConfig` into a :class:`ScheduleConfig` in
+steps. Fine-tuning (``segment.finetune.lr_lambdas``) takes its LR factor from :func:`warmup_cosine_factor`:
+the same warm-up + cosine shape as a multiplier of the peak lr, in its own convention (warm-up
+``(step + 1) / warmup``, the cosine reaches 0 at ``total``, and may follow a spent share of a wall-clock
+budget instead of the steps).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +26,18 @@ from typing import Any
 import torch
 from lightly.utils.scheduler import cosine_schedule
 
-__all__ = ["ScheduleConfig", "Schedules", "apply_to_optimizer", "linear_warmup", "warmup_cosine"]
+from pretrain.config import PretrainConfig
+
+__all__ = [
+    "ScheduleConfig",
+    "Schedules",
+    "apply_to_optimizer",
+    "linear_warmup",
+    "peak_lr",
+    "schedule_config",
+    "warmup_cosine",
+    "warmup_cosine_factor",
+]
 
 
 def warmup_cosine(step: int, total: int, warmup: int, base: float, final: float, start: float = 0.0) -> float:
@@ -45,6 +63,22 @@ def linear_warmup(step: int, warmup: int, start: float, final: float) -> float:
     if step >= warmup:
         return float(final)
     return float(start + (final - start) * step / warmup)
+
+
+def warmup_cosine_factor(step: int, warmup: int, total: int, *, cosine: bool = True,
+                         fraction: float | None = None) -> float:
+    """Multiplier of the peak lr at ``step`` (fine-tuning's ``LambdaLR``): ``(step + 1) / warmup`` during
+    the first ``warmup`` steps, then a half cosine from 1 to 0 over ``total - warmup`` steps (held at 0
+    after ``total``), or 1 without ``cosine``. ``fraction``: the spent share of another budget (wall time);
+    the cosine follows whichever of the two is further along."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    t = (step - warmup) / max(1, total - warmup)
+    if fraction is not None:
+        t = max(t, fraction)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 @dataclass(frozen=True)
@@ -75,6 +109,31 @@ class ScheduleConfig:
         if unknown:
             raise ValueError(f"unknown schedule keys {unknown}; valid keys: {sorted(names)}")
         return cls(**dict(values))
+
+
+def peak_lr(cfg: PretrainConfig, world_size: int) -> float:
+    """``optim.lr`` when set, else ``optim.base_lr x global batch / 256`` (DINO's linear scaling)."""
+    if cfg.optim.lr is not None:
+        return float(cfg.optim.lr)
+    return cfg.optim.base_lr * cfg.optim.batch_size * cfg.optim.grad_accum * world_size / 256.0
+
+
+def schedule_config(cfg: PretrainConfig, method_defaults: Mapping[str, float], *, world_size: int) -> ScheduleConfig:
+    """:class:`ScheduleConfig` in steps: config values, else the method's defaults, else the schedule's."""
+    o, spe = cfg.optim, cfg.optim.steps_per_epoch
+    total = o.epochs * spe
+    explicit = {
+        "weight_decay": o.weight_decay, "weight_decay_end": o.weight_decay_end, "momentum": o.momentum,
+        "momentum_end": o.momentum_end, "teacher_temp_start": o.teacher_temp_start, "teacher_temp": o.teacher_temp,
+    }
+    values: dict[str, Any] = {**dict(method_defaults), **{k: v for k, v in explicit.items() if v is not None}}
+    return ScheduleConfig(
+        lr=peak_lr(cfg, world_size), min_lr=o.min_lr,
+        warmup_steps=min(total, round(o.warmup_epochs * spe)),
+        teacher_temp_warmup_steps=round(o.teacher_temp_warmup_epochs * spe),
+        freeze_last_layer_steps=round(o.freeze_last_layer_epochs * spe),
+        **values,
+    )
 
 
 class Schedules:

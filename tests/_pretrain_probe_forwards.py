@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 import pretrain.main  # noqa: F401  (registers the schemas)
 from pretrain import train as T
+from pretrain.config import CONFIG_DIR
 
 calls: list[list[int]] = []
 _build = T.build_method
@@ -25,7 +26,7 @@ def build_method(cfg, *, labels=None):
 
 
 T.build_method = build_method
-with initialize_config_dir(config_dir=str(T.CONFIG_DIR), version_base="1.3"):
+with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
     cfg = OmegaConf.to_object(compose("pretrain", overrides=sys.argv[1:]))
 T.train(cfg)
 Path(cfg.out, f"forwards_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(calls))

@@ -16,6 +16,7 @@ from pretrain.data import (
     Batch, SkipCounter, intensity_range, iterate_samples, list_shards, make_loader, normalize_intensity,
 )
 from pretrain.io import write_tiff
+from pretrain.shard_format import MANIFEST_NAME
 from pretrain.views import EvalView, MultiCrop, TwoViews, as_image_tensor, stack_views
 
 SIZE = 16
@@ -71,7 +72,7 @@ def test_truncated_shard_is_skipped_and_counted(shard_dir, tmp_path, caplog):
     broken.mkdir()
     for url in list_shards(shard_dir):
         (broken / Path(url).name).write_bytes(Path(url).read_bytes())
-    (broken / sh.MANIFEST_NAME).write_bytes((shard_dir / sh.MANIFEST_NAME).read_bytes())
+    (broken / MANIFEST_NAME).write_bytes((shard_dir / MANIFEST_NAME).read_bytes())
     victim = broken / "shard-000001.tar"
     with tarfile.open(victim) as tar:
         last = tar.getmembers()[-1]

@@ -143,7 +143,8 @@ def _count_host_syncs(monkeypatch, tmp_path, log_every: int) -> tuple[int, list[
     from omegaconf import OmegaConf
 
     import pretrain.main  # noqa: F401
-    from pretrain.train import CONFIG_DIR, train
+    from pretrain.config import CONFIG_DIR
+    from pretrain.train import train
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("pretrain", overrides=[f"out={tmp_path / f'run{log_every}'}", *TINY,

@@ -16,8 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from pretrain.accelerate_setup import deepspeed_config
 from pretrain.checkpointing import PREEMPT_FILE, STATE_FILE, Preemption, TrainState, list_checkpoints
-from pretrain.config import PretrainConfig
+from pretrain.config import CONFIG_DIR, PretrainConfig
 from pretrain.knn import (
     KnnProbe,
     extract_features,
@@ -27,7 +28,8 @@ from pretrain.knn import (
     write_synthetic_holdout,
 )
 from pretrain.main import resolve_out_override  # importing pretrain.main registers the Hydra schemas
-from pretrain.train import CONFIG_DIR, deepspeed_config, peak_lr, train
+from pretrain.schedules import peak_lr
+from pretrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -116,7 +118,7 @@ def test_swin_export_loads_into_the_cs_unet_swin_branch(tmp_path):
     from accelerate import Accelerator
 
     from pretrain.encoders import build_encoder
-    from pretrain.train import export_backbone
+    from pretrain.probe_export import export_backbone
     from pretrain.methods import create_method
     from segment.models import create_model
     from segment.weights import load_model_encoders
@@ -280,7 +282,7 @@ def test_auto_precision_is_fp16_with_a_scaler_where_bf16_is_only_emulated(monkey
     import accelerate
 
     from pretrain.config import Precision
-    from pretrain.train import build_accelerator, resolve_precision
+    from pretrain.accelerate_setup import build_accelerator, resolve_precision
 
     fake_gpu(monkeypatch, "Tesla V100-SXM2-32GB", native_bf16=False)
     assert resolve_precision(Precision.auto) == "fp16"
@@ -297,7 +299,7 @@ def test_auto_precision_is_fp16_with_a_scaler_where_bf16_is_only_emulated(monkey
             made.append(kwargs)
 
     monkeypatch.setattr(accelerate, "Accelerator", Recorder)
-    with caplog.at_level("INFO", logger="pretrain.train"):
+    with caplog.at_level("INFO", logger="pretrain.accelerate_setup"):
         build_accelerator(compose_cfg())
     assert made[-1]["mixed_precision"] == "fp16" and made[-1]["cpu"] is False
     assert "precision=auto: fp16" in caplog.text and "V100" in caplog.text and "GradScaler" in caplog.text
@@ -305,7 +307,7 @@ def test_auto_precision_is_fp16_with_a_scaler_where_bf16_is_only_emulated(monkey
     fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", native_bf16=True)
     assert resolve_precision(Precision.auto) == "bf16"
     caplog.clear()
-    with caplog.at_level("INFO", logger="pretrain.train"):
+    with caplog.at_level("INFO", logger="pretrain.accelerate_setup"):
         build_accelerator(compose_cfg())
     assert made[-1]["mixed_precision"] == "bf16" and "precision=auto: bf16" in caplog.text and "A100" in caplog.text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

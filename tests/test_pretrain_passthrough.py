@@ -13,8 +13,9 @@ from PIL import Image
 
 from pretrain import shards as sh
 from pretrain.data import iterate_samples
-from pretrain.io import read_micrograph, write_tiff
+from pretrain.io import write_tiff
 from pretrain.passthrough import probe
+from pretrain.shard_write import TAR_MTIME, TarStream
 
 
 @pytest.fixture()
@@ -94,10 +95,10 @@ def test_tar_stream_writes_what_webdataset_writes_byte_for_byte():
     samples = [{"__key__": f"{i:08d}_k", "png": rng.integers(0, 256, 700 + 5000 * i, dtype=np.uint8).tobytes(),
                 "json": b'{"i": %d}' % i} for i in range(5)]
     a, b = io.BytesIO(), io.BytesIO()
-    with wds.TarWriter(a, encoder=False, mtime=sh._TAR_MTIME) as writer:
+    with wds.TarWriter(a, encoder=False, mtime=TAR_MTIME) as writer:
         for s in samples:
             writer.write(s)
-    with sh._TarStream(b) as writer:
+    with TarStream(b) as writer:
         for s in samples:
             writer.write(s)
     assert a.getvalue() == b.getvalue()

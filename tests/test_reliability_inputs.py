@@ -24,6 +24,7 @@ import segment.checkpoint
 from pretrain import shards as sh
 from pretrain.data import _decode_field, list_shards
 from pretrain.io import ImageReadError, read_raw, write_tiff
+from pretrain.shard_format import MANIFEST_NAME
 from segment.class_maps import CLASS_MAPS, MaskError
 from segment.data import SegmentationDataset
 from segment.evaluate import evaluate_sets, main
@@ -294,7 +295,7 @@ def test_shard_writer_reports_duplicates_and_keeps_them_by_default(with_copies, 
     a = str(with_copies / "a.png")
     assert manifest.duplicates == [{"path": str(with_copies / "b.tif"), "duplicate_of": a, "dropped": False},
                                    {"path": str(with_copies / "d.png"), "duplicate_of": a, "dropped": False}]
-    on_disk = json.loads((out / sh.MANIFEST_NAME).read_text())
+    on_disk = json.loads((out / MANIFEST_NAME).read_text())
     assert on_disk["totals"]["duplicates"] == 2 and on_disk["totals"]["dropped"] == 0
     assert len(on_disk["duplicates"]) == 2
 

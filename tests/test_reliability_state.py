@@ -122,7 +122,8 @@ def test_damaged_latest_pretrain_checkpoint_falls_back(tmp_path, caplog):
 
     from pretrain.checkpointing import list_checkpoints
     from pretrain.main import resolve_out_override  # noqa: F401  (registers the Hydra schemas)
-    from pretrain.train import CONFIG_DIR, train
+    from pretrain.config import CONFIG_DIR
+    from pretrain.train import train
 
     tiny = ["encoder.name=test_resnet", "data.synthetic.n_per_kind=4", "data.synthetic.size=64",
             "data.synthetic.shard_size=2", "data.views.global_size=32", "data.views.local_size=16",

@@ -13,6 +13,8 @@ from PIL import Image
 from pretrain import shards as sh
 from pretrain.data import _decode_field, list_shards
 from pretrain.io import write_tiff
+from pretrain.shard_format import MANIFEST_NAME, LabelSpec, parse_size, sanitize_key
+from pretrain.shard_plan import plan_chunks
 
 
 @pytest.fixture()
@@ -70,7 +72,7 @@ def test_round_trip_keeps_pixels_metadata_labels(corpus, tmp_path):
     assert tif_meta["pixel_size_nm"] == pytest.approx(2.5, rel=1e-6)
     assert samples[str(root / "alloyA/b.png")]["json"]["pixel_size_nm"] is None
 
-    on_disk = json.loads((out / sh.MANIFEST_NAME).read_text())
+    on_disk = json.loads((out / MANIFEST_NAME).read_text())
     assert on_disk["totals"]["samples"] == 3 and on_disk["labels"] == ["alloyA", "alloyB"]
     for entry in on_disk["shards"]:
         assert hashlib.sha256((out / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
@@ -84,7 +86,7 @@ def test_corrupt_and_empty_files_are_listed_not_fatal(corpus, tmp_path):
     assert set(skipped) == {"broken.tif", "empty.png"}
     assert "empty" in skipped["empty.png"]
     assert all(reason for reason in skipped.values())
-    listed = json.loads((tmp_path / "out" / sh.MANIFEST_NAME).read_text())["skipped"]
+    listed = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["skipped"]
     assert {Path(s["path"]).name for s in listed} == {"broken.tif", "empty.png"}
     assert manifest.labels is None
 
@@ -150,12 +152,12 @@ def test_csv_labels_and_cli_synthetic(tmp_path):
 
 
 def test_helpers():
-    assert sh.parse_size("256MB") == 256_000_000 and sh.parse_size("1GiB") == 2**30
-    assert sh.parse_size("1000") == 1000
+    assert parse_size("256MB") == 256_000_000 and parse_size("1GiB") == 2**30
+    assert parse_size("1000") == 1000
     with pytest.raises(ValueError):
-        sh.parse_size("lots")
-    assert sh.sanitize_key("a b/c.1.5nm#x") == "a_b_c_1_5nm_x"
-    assert sh.LabelSpec.parse("folder:2").level == 2
+        parse_size("lots")
+    assert sanitize_key("a b/c.1.5nm#x") == "a_b_c_1_5nm_x"
+    assert LabelSpec.parse("folder:2").level == 2
     with pytest.raises(ValueError):
-        sh.LabelSpec.parse("folder:0")
-    assert sh._chunks([5, 5, 5, 20, 1], maxcount=2, maxsize=12) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+        LabelSpec.parse("folder:0")
+    assert plan_chunks([5, 5, 5, 20, 1], maxcount=2, maxsize=12) == [(0, 2), (2, 3), (3, 4), (4, 5)]
