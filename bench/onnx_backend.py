@@ -46,7 +46,7 @@ def agreement(args: argparse.Namespace, onnx_path: Path) -> list[str]:
     import torch
 
     from segment.class_maps import get_class_map
-    from segment.evaluate import _read_truth
+    from segment.evaluate import read_truth
     from segment.infer import Predictor
     from segment.metrics import confusion_matrix, nasa_iou
     from segment.onnx_backend import onnx_predictor
@@ -63,7 +63,7 @@ def agreement(args: argparse.Namespace, onnx_path: Path) -> list[str]:
              "|---|---:|---:|---:|---:|---:|"]
     same = total = 0
     for image, mask in find_pairs(args.data, "test"):
-        truth = _read_truth(mask, class_map)
+        truth = read_truth(mask, class_map)
         labels = {}
         for name, predictor in backends.items():
             with open_source(image, gray=True) as src:

@@ -40,7 +40,7 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 def score_set(predictor, model, summary, class_map, pairs, tile):
     import torch
 
-    from segment.evaluate import _read_truth
+    from segment.evaluate import read_truth
     from segment.metrics import confusion_matrix, nasa_iou
     from segment.ood import EntropyTiles, native_tile, tile_features
     from segment.sources import open_source
@@ -48,7 +48,7 @@ def score_set(predictor, model, summary, class_map, pairs, tile):
 
     rows = []
     for image, mask in pairs:
-        truth = _read_truth(mask, class_map)
+        truth = read_truth(mask, class_map)
         with open_source(image, gray=True) as src:
             origins, feats = tile_features(predictor, model, src, tile)
             side = native_tile(tile, predictor.zoom)  # grid cell in image pixels

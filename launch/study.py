@@ -563,7 +563,7 @@ def summarize(out: Path, ood_sets: list[str] | tuple[str, ...] = (), failed: lis
         extra = effects_markdown(rows, comparisons)
         md = md + ("\n## Paired comparisons\n\n" + extra if extra else "")
     if rows:
-        results.write_csv(rows, out / "results.csv")
+        results.write_results_csv(rows, out / "results.csv")
         plot(rows, out / "iou_vs_train_images.png")
     atomic_write_text(out / "results.md", md)
     return rows, md

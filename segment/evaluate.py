@@ -21,8 +21,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import math
 import time
@@ -31,15 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from pretrain.cli_checks import writable_dir
-from pretrain.outputs import atomic_write_text
-from segment.class_maps import ClassMap, get_class_map
+from pretrain.intensity import check_not_constant
+from pretrain.io import ImageContentError, ImageReadError, read_micrograph, read_raw
+from pretrain.outputs import atomic_write_text, markdown_table, write_csv
+from segment.class_maps import ClassMap, MaskError, get_class_map
 from segment.infer import Predictor
 from segment.metrics import aggregate, confusion_matrix, summarize
+from segment.overlay import save_panel
+from segment.pairs import find_pairs
 from segment.zoom import zoom_arg
 
-__all__ = ["PROBLEMS", "PairFailure", "evaluate_image", "evaluate_sets", "format_summary_md",
+__all__ = ["PROBLEMS", "PairFailure", "evaluate_image", "evaluate_sets", "read_truth", "format_summary_md",
            "parse_set_arg", "main"]
 
 logger = logging.getLogger(__name__)
@@ -85,7 +89,7 @@ def evaluate_image(
     image = _read_image(predictor, Path(image_path))
     if mask_path is None:
         raise PairFailure("missing_mask", image_path, f"{image_path}: no mask found for this image")
-    truth = _read_truth(Path(mask_path), class_map)
+    truth = read_truth(Path(mask_path), class_map)
     if truth.shape != image.shape[:2]:
         (mh, mw), (ih, iw) = truth.shape, image.shape[:2]
         raise PairFailure("size_mismatch", mask_path, f"{mask_path}: mask is {mh}x{mw} but its image "
@@ -96,9 +100,6 @@ def evaluate_image(
 
 def _read_image(predictor: Predictor, path: Path) -> np.ndarray:
     """The image scaled to [0, 1]; NaN/Inf or constant pixels are a ``bad_image`` failure."""
-    from pretrain.intensity import check_not_constant
-    from pretrain.io import ImageContentError, ImageReadError, read_micrograph
-
     try:
         raw = read_micrograph(path, gray=True).image
         image = predictor.scale(raw, path=path)
@@ -110,11 +111,8 @@ def _read_image(predictor: Predictor, path: Path) -> np.ndarray:
     return image
 
 
-def _read_truth(path: Path, class_map: ClassMap) -> np.ndarray:
-    """The mask's class indices; a missing, unreadable or off-map mask is a failure."""
-    from pretrain.io import ImageReadError, read_raw
-    from segment.class_maps import MaskError
-
+def read_truth(path: Path, class_map: ClassMap) -> np.ndarray:
+    """The mask's class indices; a missing, unreadable or off-map mask is a :class:`PairFailure`."""
     if not path.exists():
         raise PairFailure("missing_mask", path, f"{path}: mask file not found")
     try:
@@ -165,10 +163,6 @@ def evaluate_sets(
     "problem", "error"}`` for each pair that could not be scored, also in ``failures.csv``). It
     does not raise for a bad pair (``segment.finetune.evaluate_best`` relies on that after training).
     """
-    from tqdm.auto import tqdm
-
-    from segment.overlay import save_panel
-
     cmap = get_class_map(class_map)
     names = list(cmap.names)
     colors = cmap.overlay_colors
@@ -214,13 +208,14 @@ def evaluate_sets(
         bar.close()
 
     settings = _settings(predictor)
-    _write_csv(out / "metrics.csv", rows, _image_columns(names))
-    _write_csv(out / "summary.csv", [_summary_row(n, r, names) for n, r in results.items()],
-               _summary_columns(names))
+    write_csv(out / "metrics.csv", _image_columns(names), _cells(rows, _image_columns(names)))
+    write_csv(out / "summary.csv", _summary_columns(names),
+              _cells([_summary_row(n, r, names) for n, r in results.items()], _summary_columns(names)))
     md = format_summary_md(results, names, settings)
     atomic_write_text(out / "summary.md", md)
     failures = [{"set": s, **f} for s, r in results.items() for f in r["failed"]]
-    _write_csv(out / "failures.csv", [{**f, "message": f["error"]} for f in failures], FAILURE_COLUMNS)
+    write_csv(out / "failures.csv", FAILURE_COLUMNS, _cells([{**f, "message": f["error"]} for f in failures],
+                                                            FAILURE_COLUMNS))
     if failures:
         n_pairs = sum(len(p) for p in sets.values())
         logger.error("%d of %d image(s) could not be scored (listed in %s):\n  %s", len(failures), n_pairs,
@@ -247,6 +242,11 @@ def _num(x: Any) -> Any:
     if isinstance(x, float):
         return "" if not math.isfinite(x) else f"{x:.6f}"
     return x
+
+
+def _cells(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[list[Any]]:
+    """The rows' cells in column order, formatted by :func:`_num` (a missing key: an empty cell)."""
+    return [[_num(row.get(k)) for k in columns] for row in rows]
 
 
 def _image_columns(names: Sequence[str]) -> list[str]:
@@ -290,14 +290,14 @@ def _settings(predictor: Predictor) -> str:
 def format_summary_md(results: Mapping[str, dict[str, Any]], names: Sequence[str], settings: str = "") -> str:
     """The per-set summary as a Markdown table (IoU in %), with its definitions and failed images."""
     head = ["set", "images", "NASA IoU (mean ± std)", *[f"IoU {n}" for n in names], "mIoU", "pixel acc."]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    table = []
     for set_name, r in results.items():
         p = r["pooled"]
-        cells = [set_name, str(r["n_images"]) + (f" ({len(r['failed'])} failed)" if r["failed"] else ""),
-                 f"{_pct(r['nasa_iou_mean'])} ± {_pct(r['nasa_iou_std'])}",
-                 *[_pct(p["iou"][n]) for n in names], _pct(p["miou"]), _pct(p["pixel_accuracy"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+        table.append([set_name, str(r["n_images"]) + (f" ({len(r['failed'])} failed)" if r["failed"] else ""),
+                      f"{_pct(r['nasa_iou_mean'])} ± {_pct(r['nasa_iou_std'])}",
+                      *[_pct(p["iou"][n]) for n in names], _pct(p["miou"]), _pct(p["pixel_accuracy"])])
+    lines = [
+        markdown_table(head, table, ["l"] + ["r"] * (len(head) - 1)),
         "",
         "NASA IoU: the benchmark's IoU pooled over all classes (background included) per image, "
         "mean ± population std over images. Per-class IoU, mIoU and pixel accuracy: pooled over "
@@ -309,15 +309,6 @@ def format_summary_md(results: Mapping[str, dict[str, Any]], names: Sequence[str
         lines += ["", "Failed images (not scored; also in failures.csv):", ""]
         lines += [f"- [{s}] {f.get('problem', 'error')}: {f['error']}" for s, f in failed]
     return "\n".join(lines) + "\n"
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _num(row.get(k)) for k in columns})
-    atomic_write_text(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -369,13 +360,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``mseg-evaluate``); exit status 1 if a set has no scored image or,
     unless ``--allow-failures``, if any image could not be scored (see ``failures.csv``)."""
-    import torch
-
     args = _parser().parse_args(argv)
     writable_dir(args.out, "--out")  # before loading the model: one line, not a failure at the first image
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from segment.pairs import find_pairs
-
     specs = [parse_set_arg(s) for s in args.sets]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")

@@ -28,7 +28,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from pretrain.outputs import atomic_path, atomic_write_text
+from omegaconf import OmegaConf
+
+from pretrain.outputs import atomic_write_text, markdown_table, write_csv
 
 FACTORS = ("model", "weights", "data", "seed")
 GRID_FILE = "grid.tsv"
@@ -64,8 +66,6 @@ def factors_from_config(run: Path) -> dict[str, Any]:
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         return out
-    from omegaconf import OmegaConf
-
     try:
         cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False)
     except Exception as e:  # a damaged file costs the factors, not the results
@@ -152,12 +152,10 @@ def _cell(v: Any) -> Any:
     return v
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns(rows), lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _cell(v) for k, v in r.items()})
+def write_results_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """``results.csv``: the rows in :func:`columns` order, cells as :func:`_cell` formats them
+    (through :func:`pretrain.outputs.write_csv`)."""
+    return write_csv(path, columns(rows), [{k: _cell(v) for k, v in r.items()} for r in rows])
 
 
 def mean_std(values: list[float]) -> str:
@@ -180,16 +178,13 @@ def markdown(rows: list[dict[str, Any]], missing: list[str], sets: list[str] | N
     for data, drows in by_data.items():
         classes = [k for k in columns(drows) if k.startswith("iou_")]
         head = ["set", "model", "weights", "seeds", "NASA IoU", *[f"IoU {k[4:]}" for k in classes], "mIoU"]
-        lines += [f"### {data}", "", "| " + " | ".join(head) + " |",
-                  "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
         groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
         for r in drows:
             groups[(r["set"], str(r["model"]), str(r["weights"]))].append(r)
-        for (set_name, model, weights), g in groups.items():
-            cells = [set_name, model, weights, str(len(g)), mean_std([r.get("nasa_iou_mean") for r in g]),
-                     *[mean_std([r.get(k) for r in g]) for k in classes], mean_std([r.get("miou") for r in g])]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        table = [[set_name, model, weights, str(len(g)), mean_std([r.get("nasa_iou_mean") for r in g]),
+                  *[mean_std([r.get(k) for r in g]) for k in classes], mean_std([r.get("miou") for r in g])]
+                 for (set_name, model, weights), g in groups.items()]
+        lines += [f"### {data}", "", markdown_table(head, table, ["l"] * 3 + ["r"] * (len(head) - 3)), ""]
     if lines:
         lines += ["IoU in %, mean ± sample standard deviation over seeds (one value: one seed). NASA IoU: "
                   "the benchmark's class-pooled IoU, averaged over the images of the set; per-class IoU "
@@ -218,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     csv_path = args.csv or args.sweep / "results.csv"
     md_path = args.md or args.sweep / "results.md"
-    write_csv(rows, csv_path)
+    write_results_csv(rows, csv_path)
     atomic_write_text(md_path, md)
     print(md, end="")
     print(f"{len(rows)} rows from {len({r['run'] for r in rows})} runs -> {csv_path}, {md_path}", file=sys.stderr)

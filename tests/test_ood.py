@@ -15,7 +15,9 @@ from segment.models import create_model
 import copy
 
 from segment.ood import EntropyTiles, OODSummary, fit, image_entropy, load, native_tile, tile_features, tile_grid
-from segment.predict import PredictOptions, main, predict_paths
+from segment.batch import predict_paths
+from segment.predict import main
+from segment.records import PredictOptions
 from segment.sources import ArraySource
 
 NAMES = ["matrix", "secondary", "tertiary"]

@@ -14,14 +14,9 @@ from pretrain.io import read_pixel_size_nm, write_tiff
 from pretrain.synthetic import superalloy
 from segment.databar import detect_databar, find_databar, row_profile
 from segment.infer import Predictor
-from segment.predict import (
-    PredictOptions,
-    expand_inputs,
-    main,
-    output_keys,
-    parse_particle_classes,
-    predict_paths,
-)
+from segment.batch import expand_inputs, output_keys, predict_paths
+from segment.predict import main, parse_particle_classes
+from segment.records import PredictOptions
 
 NAMES = ["matrix", "secondary", "tertiary"]
 COLORS = [[0, 0, 0], [0, 0, 255], [255, 0, 0]]

@@ -9,7 +9,8 @@ from torch import nn
 
 from pretrain.synthetic import superalloy
 from segment.infer import Predictor
-from segment.predict import PredictOptions, predict_paths
+from segment.batch import predict_paths
+from segment.records import PredictOptions
 from segment.progress import TileProgress, format_seconds
 from segment.sources import ArraySource
 from segment.stream import predict_stream

@@ -11,11 +11,13 @@ from PIL import Image
 from skimage.draw import disk
 from torch import nn
 
-import segment.predict as predict_mod
+import segment.batch as predict_mod
 from pretrain.io import write_tiff
 from pretrain.outputs import atomic_write_text
 from segment.infer import Predictor
-from segment.predict import PredictOptions, main, predict_paths
+from segment.batch import predict_paths
+from segment.predict import main
+from segment.records import PredictOptions
 
 NAMES = ["matrix", "secondary", "tertiary"]
 COLORS = [[0, 0, 0], [0, 0, 255], [255, 0, 0]]

@@ -12,7 +12,9 @@ from torch import nn
 
 from pretrain.io import write_tiff
 from segment.infer import Predictor
-from segment.predict import PredictOptions, main, predict_paths
+from segment.batch import predict_paths
+from segment.predict import main
+from segment.records import PredictOptions
 from segment.quantify import Scale, pool_summaries, quantify_labels, size_stats
 from segment.uncertainty import (
     CI_COLUMNS,
