@@ -13,6 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pretrain.config import Precision
+
 DEFAULT_STEPS = 400  # train.steps when neither steps nor epochs is set (UNet lite: ~30 min on one CPU core)
 STEPS_PER_EPOCH = 20  # batches per epoch when data.samples_per_epoch is null
 
@@ -27,12 +29,6 @@ class Schedule(str, Enum):
     cosine = "cosine"  # linear warm-up, then cosine to zero, per step
     plateau = "plateau"  # halve the LR when the monitored validation metric stalls
     constant = "constant"
-
-
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 class Monitor(str, Enum):
@@ -133,6 +129,8 @@ class TrainConfig:
     tta: bool = False
 
     def __post_init__(self) -> None:
+        if self.precision == Precision.auto:  # pretraining's choice; fine-tuning takes no | bf16 | fp16
+            raise ValueError("train.precision must be one of no, bf16, fp16, got auto")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1 (or null), got {self.epochs}")
         if self.steps is not None and self.steps < 1:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from pretrain.checkpointing import CheckpointManager, Preemption
 from pretrain.cli_checks import check_config_keys, check_overrides
 from pretrain.outputs import atomic_write_text
+from pretrain.schedules import warmup_cosine_factor
 from pretrain.throughput import adamw, channels_last, enable_sdpa, enable_tf32
 from segment.augment import train_transform
 from segment.checkpoint import save_model
@@ -76,16 +77,11 @@ def lr_lambdas(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int,
     total = total_steps(cfg, steps_per_epoch)
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     freeze = cfg.train.freeze_encoders_epochs * steps_per_epoch
+    cosine = cfg.optim.schedule == Schedule.cosine
 
     def base(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.optim.schedule == Schedule.cosine:
-            t = (step - warmup) / max(1, total - warmup)
-            if time_fraction is not None:
-                t = max(t, time_fraction())
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        return 1.0
+        fraction = time_fraction() if time_fraction is not None and cosine and step >= warmup else None
+        return warmup_cosine_factor(step, warmup, total, cosine=cosine, fraction=fraction)
 
     def make(is_encoder: bool):
         return lambda step: 0.0 if (is_encoder and step < freeze) else base(step)
