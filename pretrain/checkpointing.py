@@ -76,7 +76,7 @@ class TrainState:
     ``step``: optimizer steps done; ``images``: images consumed by all ranks; ``elapsed``: seconds
     of training before this process started; ``resumes``: restarts so far. The data stream is
     resampled with replacement, so its state is its seed: after a resume it continues with a fresh
-    seed derived from ``(seed, step)`` (see :func:`pretrain.train.make_train_loader`), never
+    seed derived from ``(seed, step)`` (see :func:`pretrain.corpus.make_train_loader`), never
     replaying the exact sequence it had already drawn.
     """
 

@@ -8,7 +8,7 @@ sharding then costs about what copying the files costs (``bench/shard_writer.py`
 Checks, per file: the header (tifffile / Pillow parse the tags, not the pixels) must show one page,
 one gray sample of 8 or 16 bits, a 2-D shape, black-is-zero photometry; anything else (colour, RGB
 with equal channels, palette, float, multi-page, inverted) takes the normal decode + re-encode path,
-which collapses, converts and checks it, and stores it as a lossless zstd TIFF (``shards._encode(fast=True)``;
+which collapses, converts and checks it, and stores it as a lossless zstd TIFF (``shard_write.encode_image(fast=True)``;
 about 25x faster to write than PNG). Every ``check_every``-th file (by input index; 1 = all) is
 also decoded twice, as the writer would read it and as the loader will (``pretrain.data.decode_image``
 on the copied bytes), and the two must be equal. Copied files are hashed by their bytes for the
