@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-import segment.checkpoint
+import segment.infer
 from segment.evaluate import evaluate_sets, main, parse_set_arg
 from segment.infer import Predictor
 
@@ -152,7 +152,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
         seen["path"] = str(path)
         return NearestLevel(), meta
 
-    monkeypatch.setattr(segment.checkpoint, "load_model", fake_load_model)
+    monkeypatch.setattr(segment.infer, "load_model", fake_load_model)
     out = tmp_path / "eval"
     rc = main([str(tmp_path / "ckpt"), "--set", f"mine={tmp_path / 'Set'}", "--out", str(out), "--tta",
                "--device", "cpu", "--no-progress", "--max-overlays", "1"])

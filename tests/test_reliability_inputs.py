@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 from torch import nn
 
-import segment.checkpoint
+import segment.infer
 from pretrain import shards as sh
 from pretrain.data import _decode_field, list_shards
 from pretrain.io import ImageReadError, read_raw, write_tiff
@@ -113,7 +113,7 @@ def test_evaluate_cli_fails_on_any_bad_image_unless_allowed(tmp_path, monkeypatc
     write_pair(root, "x2", labels())[1].unlink()  # an image without a mask: was a traceback from find_pairs
     meta = {"class_map": CLASS_MAP, "tile_size": 8, "mean": [0.5], "std": [0.25], "in_chans": 1,
             "class_names": CLASS_MAP["names"]}
-    monkeypatch.setattr(segment.checkpoint, "load_model", lambda path: (NearestLevel(), meta))
+    monkeypatch.setattr(segment.infer, "load_model", lambda path: (NearestLevel(), meta))
     args = [str(tmp_path / "ckpt"), "--set", f"mine={root}", "--device", "cpu", "--no-progress", "--no-overlays"]
     with caplog.at_level(logging.ERROR, logger="segment.evaluate"):
         assert main([*args, "--out", str(tmp_path / "e1")]) == 1
