@@ -46,11 +46,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pretrain.checkpointing import STATE_FILE, list_checkpoints
-from pretrain.outputs import atomic_path, atomic_write_text
+from pretrain.cli_checks import check_config_keys
+from pretrain.outputs import atomic_path, atomic_write_text, write_csv
 from segment import results
+from segment.config import FinetuneConfig, register_configs
+from segment.finetune import train
 
 log = logging.getLogger("launch.study")
 
@@ -203,23 +208,14 @@ def release(run: Path) -> None:
 
 def write_grid(cells: list[Cell], out: Path) -> None:
     """``OUT/grid.tsv`` in segment.results' format (weights = init, data = training set)."""
-    with atomic_path(out / results.GRID_FILE) as tmp, tmp.open("w", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["cell", "model", "weights", "data", "seed", "family", "images", "overrides"])
-        for c in cells:
-            w.writerow([c.name, c.model, c.init, c.trainset, c.seed, c.family,
-                        "" if c.images is None else c.images, " ".join(c.overrides)])
+    write_csv(out / results.GRID_FILE, ["cell", "model", "weights", "data", "seed", "family", "images", "overrides"],
+              ([c.name, c.model, c.init, c.trainset, c.seed, c.family, "" if c.images is None else c.images,
+                " ".join(c.overrides)] for c in cells), delimiter="\t")
 
 
 # ------------------------------------------------------------------------------------ running
 def compose_cell(cell: Cell, out: Path):
     """The typed FinetuneConfig of a cell (raises on an unknown key or a bad value)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from pretrain.cli_checks import check_config_keys
-    from segment.config import FinetuneConfig, register_configs
-
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -229,8 +225,6 @@ def compose_cell(cell: Cell, out: Path):
 
 
 def train_cell(cfg) -> dict[str, Any]:
-    from segment.finetune import train
-
     return train(cfg)
 
 
@@ -438,7 +432,7 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
     """NASA IoU vs number of training images: a panel per data family (row) and test-set kind (column: in /
     out of distribution); colour = model, line style = initialisation (solid for the first init listed
     in the rows, dashed, dotted, ... for the others); error bars = std over seeds."""
-    import matplotlib
+    import matplotlib  # matplotlib is slow to import: only for the figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["fp32_sources"]
@@ -34,7 +35,7 @@ def fp32_sources(params: Sequence[nn.Parameter]) -> list[Tensor]:
     if not low:
         return [p.detach() for p in params]
     if any(hasattr(p, "ds_id") for p in params):
-        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param  # deepspeed: heavy, only for ZeRO-partitioned parameters
 
         out = []
         for p in params:
@@ -44,7 +45,6 @@ def fp32_sources(params: Sequence[nn.Parameter]) -> list[Tensor]:
     mapped = [p for p in params if hasattr(p, "_hp_mapping")]
     if not mapped:  # low precision without master weights (e.g. a module cast by hand): nothing better
         return [p.detach().float() for p in params]
-    import torch.distributed as dist
 
     device = mapped[0].device
     flat = torch.zeros(sum(p.numel() for p in mapped), dtype=torch.float32, device=device)

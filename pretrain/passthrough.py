@@ -26,6 +26,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from pretrain.data import decode_image
 from pretrain.io import ImageReadError, is_tiff, read_micrograph
 from pretrain.pixel_size import tiff_pixel_size_nm
 
@@ -86,7 +87,6 @@ def read_checked(path: str | Path, info: PassInfo, *, decode: bool) -> tuple[byt
     content = "bytes:" + hashlib.sha256(data).hexdigest()[:16]
     if not decode:
         return data, content
-    from pretrain.data import decode_image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

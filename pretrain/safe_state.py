@@ -66,7 +66,7 @@ def safe_globals() -> list[Any]:
     except ImportError:  # pragma: no cover - accelerate is a dependency
         pass
     try:  # heavy and optional: only where DeepSpeed is installed
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # deepspeed: heavy, only when its classes are allow-listed
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
 

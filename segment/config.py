@@ -14,6 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from pretrain.config import Precision
+from pretrain.intensity import canonical_intensity
+from segment.zoom import check_zoom
 
 DEFAULT_STEPS = 400  # train.steps when neither steps nor epochs is set (UNet lite: ~30 min on one CPU core)
 STEPS_PER_EPOCH = 20  # batches per epoch when data.samples_per_epoch is null
@@ -81,13 +83,10 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        from pretrain.intensity import canonical_intensity
-
         try:
             self.intensity = canonical_intensity(self.intensity)
         except ValueError as e:
             raise ValueError(f"data.intensity: {e}") from None
-        from segment.zoom import check_zoom
 
         try:
             self.zoom = check_zoom(self.zoom)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pretrain.intensity import to_float
+from segment.sources import ArraySource
 
 __all__ = ["DataBar", "row_profile", "find_databar", "detect_databar"]
 
@@ -82,8 +83,6 @@ def detect_databar(image, *, tol: float = 0.01, min_frac: float = 0.5, min_rows:
     Reads only the bottom ``max_fraction`` of the rows (plus ``context``), band by band.
     Thresholds as in :func:`find_databar`; ``tol`` is in units of the full intensity range.
     """
-    from segment.sources import ArraySource
-
     source = ArraySource(image) if isinstance(image, np.ndarray) else image
     h, _ = source.shape
     probe = to_float(source.rows(max(0, h - max(1, min(probe_rows, h // 10))), h))

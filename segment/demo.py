@@ -47,7 +47,7 @@ def _compose(name: str, overrides: list[str]):
 
 def pretrain_encoders(out: Path) -> tuple[dict[str, Path], dict[str, dict]]:
     """DINO-pretrain one encoder per CS-UNet branch; the second run reuses the first run's shards."""
-    from pretrain.config import register_configs
+    from pretrain.config import register_configs  # each stage imports its package when it runs (the demo prints its plan first)
     from pretrain.train import train as pretrain
 
     register_configs()
@@ -68,7 +68,7 @@ def pretrain_encoders(out: Path) -> tuple[dict[str, Path], dict[str, dict]]:
 
 
 def finetune(out: Path, name: str, encoders: dict[str, Path] | None, extra: list[str]) -> dict:
-    from segment.config import register_configs
+    from segment.config import register_configs  # as above
     from segment.finetune import train
 
     register_configs()

@@ -37,7 +37,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pretrain.intensity import to_float
 from pretrain.outputs import atomic_path
+from segment.checkpoint import load_model
 
 __all__ = [
     "PaddedForExport",
@@ -102,8 +104,7 @@ def check_inputs(tile_hw: tuple[int, int], in_chans: int, mean: Sequence[float],
                 *, multiple: int = 1, dynamic_hw: bool = True, seed: int = 0) -> list[Tensor]:
     """Check inputs: a normalised synthetic micrograph tile (batch 1), a batch of 3 noise tiles and,
     with ``dynamic_hw``, an input one multiple larger than the tile and one of odd size."""
-    from pretrain.intensity import to_float
-    from pretrain.synthetic import superalloy
+    from pretrain.synthetic import superalloy  # scipy + scikit-image (~0.5 s): only for the check inputs
 
     th, tw = tile_hw
     image = to_float(superalloy((th, tw), seed=seed)[0])
@@ -149,7 +150,7 @@ def check_onnx(path: str | os.PathLike[str], model: nn.Module,
                inputs: Sequence[Tensor]) -> list[tuple[tuple[int, ...], float]]:
     """Run the ONNX file with onnxruntime (CPU) and return ``(input shape, max |onnx - torch|)``
     per input; raises if onnxruntime fails on an input."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency (the [onnx] extra)
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -166,7 +167,7 @@ def _export_onnx_once(wrapped: nn.Module, example: Tensor, path: Path, opset: in
 
 
 def _set_metadata(path: Path, props: Mapping[str, Any]) -> None:
-    import onnx
+    import onnx  # optional dependency (the [onnx] extra)
 
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()})
@@ -270,7 +271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.onnx is None and args.torchscript is None:
         raise SystemExit("nothing to do: give --onnx and/or --torchscript")
-    from segment.checkpoint import load_model
 
     try:
         model, meta = load_model(args.checkpoint)

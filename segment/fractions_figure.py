@@ -53,7 +53,7 @@ def fractions_figure(path: str | Path, class_names: Sequence[str], fractions: Ma
     ``fractions``: image key -> area fraction per class (0..1). ``bands``: the pooled groups.
     ``flagged``: keys of images to mark (for a quality flag; none yet by default).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib is slow to import: only when a figure is drawn
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from segment.export import check_inputs, check_onnx, export_onnx
 from segment.infer import Predictor
 
 __all__ = ["OnnxModule", "require_onnxruntime", "onnx_predictor", "weights_digest", "BACKENDS"]
@@ -41,7 +42,7 @@ def require_onnxruntime() -> Any:
     """Import onnxruntime (optional dependency, hence imported here and not at module top) or raise
     an ``ImportError`` saying how to install it."""
     try:
-        import onnxruntime
+        import onnxruntime  # optional dependency (the [onnx] extra)
     except ImportError as exc:
         raise ImportError(f"the ONNX backend needs onnxruntime, which is not installed: {INSTALL_HINT}") from exc
     return onnxruntime
@@ -98,8 +99,6 @@ def _check_file(path: Path, model: nn.Module, tile_hw: tuple[int, int], in_chans
     inputs only); ``ValueError`` naming the file if it fails or differs by more than ``atol``."""
     import onnx  # optional dependency (the [onnx] extra): imported only when the backend is used
 
-    from segment.export import check_inputs, check_onnx
-
     try:
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         dynamic = props.get("input_hw", "dynamic") == "dynamic"
@@ -138,8 +137,6 @@ def onnx_predictor(checkpoint: str | os.PathLike[str], onnx_path: str | os.PathL
         worst = _check_file(path, model, *args, atol=atol)
         logger.info("ONNX model %s matches the checkpoint (max |diff| %.2e)", path, worst)
     else:
-        from segment.export import export_onnx
-
         info = {k: predictor.meta[k] for k in ("model", "class_names", "intensity", "zoom") if k in predictor.meta}
         report = export_onnx(model, path, tile_hw=args[0], in_chans=args[1], mean=args[2], std=args[3],
                              metadata=info, atol=atol)

@@ -52,6 +52,7 @@ from pretrain.io import list_images
 from pretrain.outputs import atomic_path, atomic_write_text
 from segment.infer import Predictor
 from segment.sources import RowSource, open_source, source_intensity_window
+from segment.stream import iter_logit_rows
 from segment.tiling import Origin, compute_steps, pad_to
 from segment.zoom import resize_image
 
@@ -227,8 +228,6 @@ def _image_features(predictor: Predictor, model: nn.Module, paths: Sequence[Path
 def image_entropy(predictor: Predictor, source: RowSource, tile: int) -> EntropyTiles:
     """Run the band-wise prediction of one image only for its per-tile entropy (on the grid of
     :func:`tile_features`: cells of ``native_tile(tile, predictor.zoom)`` image pixels)."""
-    from segment.stream import iter_logit_rows
-
     ent = EntropyTiles(source.shape, native_tile(tile, predictor.zoom))
     for y0, logits in iter_logit_rows(predictor, source, progress=False):
         ent(y0, logits)

@@ -24,7 +24,7 @@ def score_map_figure(path: Path, preview: np.ndarray, stride: int, image_hw: tup
                      title: str) -> Path:
     """Write the map (PNG, atomically). ``preview`` is the image subsampled by ``stride`` (float in
     [0, 1]); ``origins`` / ``scores`` the tiles in image pixels; ``image_hw`` the analysed size."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # matplotlib is slow to import: only when a figure is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import TwoSlopeNorm

@@ -176,7 +176,7 @@ def save_panel(
     ``image`` is a float image in [0, 1] (contrast-stretched for display); the file is written to
     a temporary name and renamed, so a reader never sees a partial PNG. Returns the path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib is slow to import: only when a legend figure is drawn
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tqdm.auto import tqdm
+
 __all__ = ["TileProgress", "format_seconds"]
 
 logger = logging.getLogger(__name__)
@@ -60,8 +62,6 @@ class TileProgress:
         if not self.report:
             return
         if self.bar:
-            from tqdm.auto import tqdm
-
             self._tqdm = tqdm(total=self.total, desc=self.desc, unit="tile", leave=False, smoothing=0)
         else:
             logger.info("%s: %d tiles%s", self.desc, self.total, f" ({detail})" if detail else "")

@@ -297,7 +297,7 @@ def interval(boot: np.ndarray, estimate: float, level: float = 0.95, method: str
     if method == "percentile":
         lo, hi = np.quantile(b, [alpha, 1 - alpha])
     elif method == "t":
-        from scipy.stats import t as student
+        from scipy.stats import t as student  # scipy.stats is slow to import: only for intervals
 
         if n is None or n < 2:
             return nan
@@ -305,7 +305,7 @@ def interval(boot: np.ndarray, estimate: float, level: float = 0.95, method: str
         half = float(student.ppf(1 - alpha, n - 1)) * se
         lo, hi = estimate - half, estimate + half
     elif method == "bca":
-        from scipy.stats import norm
+        from scipy.stats import norm  # scipy.stats: only for intervals
 
         below = (b < estimate).mean() + 0.5 * (b == estimate).mean()
         z0 = float(norm.ppf(np.clip(below, 0.5 / b.size, 1 - 0.5 / b.size)))

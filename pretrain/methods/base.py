@@ -38,6 +38,8 @@ import torch
 from lightly.models.utils import get_weight_decay_parameters
 from torch import Tensor, nn
 
+from pretrain.ema import fp32_sources
+
 __all__ = ["Batch", "CheckpointState", "MultiViewNet", "SSLMethod"]
 
 logger = logging.getLogger(__name__)
@@ -196,7 +198,6 @@ class SSLMethod(nn.Module):
             return
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-        from pretrain.ema import fp32_sources
 
         student = dict(self.student.named_parameters())
         names, teacher = zip(*self.teacher.named_parameters())

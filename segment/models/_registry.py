@@ -5,6 +5,7 @@ As in timm, each registered function builds one preset ("variants are data"); im
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import logging
 from typing import Callable, Iterable
@@ -53,8 +54,6 @@ def model_entrypoint(name: str) -> ModelFn:
     try:
         return _model_entrypoints[name]
     except KeyError:
-        import difflib
-
         close = difflib.get_close_matches(name, _model_entrypoints, n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(
