@@ -1,8 +1,9 @@
 """Fine-tuned model checkpoints: `model.safetensors` + `model.json`, written atomically.
 
 A checkpoint folder is self-describing: `model.json` holds what `create_model` needs to rebuild the
-network (name and kwargs), the class map, the normalisation and the tile size used for sliding-window
-inference, so `evaluate` and `predict` need nothing else.
+network (name and kwargs), the class map, and how inference must see an image (`inference_settings`:
+tile, overlap, mean/std, intensity mapping, zoom), so `evaluate`, `predict` and `export` need nothing else
+and read those settings from here only.
 """
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
+
+INFERENCE_KEYS = ("tile_size", "overlap", "mean", "std", "intensity", "zoom")
+"""The keys of model.json that say how inference sees an image (written by `segment.finetune`)."""
+LEGACY_INFERENCE = {"overlap": 0.5, "intensity": "dtype", "zoom": 1.0}
+"""What a model.json written before a key existed means: the values those checkpoints were trained and
+evaluated with (overlap 0.5 was every CLI's default; no intensity key meant a division by the dtype's
+maximum; no zoom meant native resolution)."""
+
+
+def inference_settings(meta: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
+    """``tile_size``, ``overlap``, ``mean``, ``std``, ``intensity`` and ``zoom`` of a checkpoint's metadata,
+    with :data:`LEGACY_INFERENCE` for keys older files lack; ``KeyError`` naming ``path`` when one without a
+    legacy meaning (tile size, mean, std) is missing."""
+    missing = [k for k in INFERENCE_KEYS if k not in meta and k not in LEGACY_INFERENCE]
+    if missing:
+        raise KeyError(f"{path}: model.json has no {', '.join(map(repr, missing))}; it is not a checkpoint of "
+                       f"segment.finetune (pass the value explicitly)")
+    return {k: meta.get(k, LEGACY_INFERENCE.get(k)) for k in INFERENCE_KEYS}
 
 
 def save_model(out_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:

@@ -16,7 +16,7 @@ the other images are still scored. The CLI then exits with status 1 unless ``--a
 CLI::
 
     python -m segment.evaluate CHECKPOINT --set NAME=ROOT[:SPLIT] [--set ...] --out DIR \\
-        [--tta] [--overlap 0.5] [--class-map super] [--device cpu] [--allow-failures]
+        [--tta] [--overlap F] [--class-map super] [--device cpu] [--allow-failures]
 """
 from __future__ import annotations
 
@@ -338,7 +338,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a labelled set; SPLIT defaults to 'test' (repeatable)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
-    p.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction (default 0.5)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="tile overlap fraction (default: the checkpoint's, 0.5 for older ones)")
     p.add_argument("--zoom", type=zoom_arg, default=None,
                    help="resize factor between the images and the model's grid (default: the checkpoint's)")
     p.add_argument("--class-map", default=None,
@@ -366,10 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [parse_set_arg(s) for s in args.sets]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
-    zoom = {} if args.zoom is None else {"zoom": args.zoom}
-    predictor = Predictor.from_checkpoint(args.checkpoint, overlap=args.overlap, tta=args.tta,
-                                          batch_size=args.batch_size, device=device, amp_dtype=amp, **zoom)
-    meta = predictor.meta  # from_checkpoint took intensity=meta.get("intensity", "dtype")
+    predictor = Predictor.from_checkpoint(args.checkpoint, overlap=args.overlap, tta=args.tta, zoom=args.zoom,
+                                          batch_size=args.batch_size, device=device, amp_dtype=amp)
+    meta = predictor.meta  # inference settings as recorded (segment.checkpoint.inference_settings)
     spec = args.class_map if args.class_map is not None else meta.get("class_map")
     if spec is None:
         raise SystemExit("the checkpoint names no class map: pass --class-map")

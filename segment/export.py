@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from pretrain.intensity import to_float
 from pretrain.outputs import atomic_path
-from segment.checkpoint import load_model
+from segment.checkpoint import inference_settings, load_model
 
 __all__ = [
     "PaddedForExport",
@@ -276,12 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, meta = load_model(args.checkpoint)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise SystemExit(f"cannot load checkpoint {args.checkpoint}: {exc}") from None
-    tile = args.tile_size or meta.get("tile_size") or 256
-    tile_hw = (int(tile), int(tile))
-    mean = list(meta.get("mean", [0.5]))
-    std = list(meta.get("std", [0.25]))
+    try:
+        settings = inference_settings(meta | ({"tile_size": args.tile_size} if args.tile_size else {}), args.checkpoint)
+    except KeyError as exc:
+        raise SystemExit(str(exc).strip("'\"")) from None
+    tile = settings["tile_size"]
+    tile_hw = (int(tile), int(tile)) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+    mean, std = list(settings["mean"]), list(settings["std"])
     in_chans = int(meta.get("in_chans", len(mean)))
-    info = {k: meta[k] for k in ("model", "model_kwargs", "class_names", "colors", "intensity", "zoom")
+    info = {k: meta[k] for k in ("model", "model_kwargs", "class_names", "colors", "intensity", "zoom", "overlap")
             if k in meta}  # intensity and zoom: the pre/post-processing a runtime must repeat
     kw = dict(tile_hw=tile_hw, in_chans=in_chans, mean=mean, std=std, metadata=info, atol=args.atol)
     status = 0

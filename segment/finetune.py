@@ -159,7 +159,8 @@ def train(cfg: FinetuneConfig) -> dict[str, Any]:
     meta = dict(
         model=cfg.model.name, model_kwargs=model_kwargs, class_names=list(cm.names),
         colors=[list(c) for c in cm.overlay_colors], class_map=cm.to_dict(),
-        tile_size=cfg.data.crop_size, in_chans=cfg.data.in_chans, mean=list(mean), std=list(std),
+        tile_size=cfg.data.crop_size, overlap=cfg.train.tile_overlap, in_chans=cfg.data.in_chans,
+        mean=list(mean), std=list(std),
         intensity=cfg.data.intensity, zoom=cfg.data.zoom,
         model_pixel_size_nm=None if cfg.data.pixel_size_nm is None else cfg.data.pixel_size_nm / cfg.data.zoom,
         encoder_weights=dict(cfg.model.encoder_weights),

@@ -10,7 +10,6 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from pretrain.safe_state import no_code_execution
-from segment.checkpoint import load_model
 from segment.config import FinetuneConfig
 from segment.evaluate import evaluate_sets
 from segment.finetune_data import Data
@@ -44,9 +43,7 @@ def fit_ood(best: Path, data: Data, device) -> None:
 
 def evaluate_best(out: Path, data: Data, cfg: FinetuneConfig, device) -> dict:
     """Evaluate `best/` on every test set with the evaluation used by `segment.evaluate`."""
-    model, meta = load_model(out / "best")
-    predictor = Predictor(model, tile_size=meta["tile_size"], overlap=cfg.train.tile_overlap, tta=cfg.train.tta,
-                          batch_size=cfg.train.batch_size, device=device, mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                          intensity=meta.get("intensity", "dtype"), zoom=meta.get("zoom", 1.0))
+    predictor = Predictor.from_checkpoint(out / "best", tta=cfg.train.tta, batch_size=cfg.train.batch_size,
+                                          device=device)
     return evaluate_sets(predictor, data.test_sets, data.class_map, out / "eval", overlays=True,
                          max_overlays=cfg.overlays)

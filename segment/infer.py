@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.intensity import canonical_intensity, scale_intensity
-from segment.checkpoint import load_model
+from segment.checkpoint import inference_settings, load_model
 from segment.tiling import TensorRows, gaussian_importance, tile_logit_rows
 from segment.zoom import check_zoom, resize_image, resize_logits, zoomed_hw
 
@@ -137,19 +137,13 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, **settings: Any) -> Predictor:
         """Build from a fine-tuned checkpoint folder (``segment.checkpoint.load_model``).
 
-        ``tile_size``, ``mean`` and ``std`` come from the checkpoint's metadata unless given in
-        ``settings``, ``intensity`` and ``zoom`` too (``"dtype"`` and 1 when the metadata has none:
-        checkpoints from before those keys were trained that way); the metadata is kept on
-        ``predictor.meta``.
+        Tile, overlap, mean/std, intensity and zoom come from the checkpoint's metadata
+        (:func:`segment.checkpoint.inference_settings`) unless given in ``settings``; the metadata is
+        kept on ``predictor.meta``.
         """
         model, meta = load_model(path)
-        settings.setdefault("intensity", meta.get("intensity", "dtype"))
-        settings.setdefault("zoom", meta.get("zoom", 1.0))
-        for key in ("tile_size", "mean", "std"):
-            if key not in settings:
-                if key not in meta:
-                    raise KeyError(f"checkpoint {path} has no '{key}' in its metadata; pass {key}=")
-                settings[key] = meta[key]
+        given = {k: v for k, v in settings.items() if v is not None}  # None: the checkpoint's value
+        settings = inference_settings(meta | given, path) | given
         predictor = cls(model, **settings)
         predictor.meta = dict(meta)
         return predictor

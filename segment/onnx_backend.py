@@ -137,7 +137,7 @@ def onnx_predictor(checkpoint: str | os.PathLike[str], onnx_path: str | os.PathL
         worst = _check_file(path, model, *args, atol=atol)
         logger.info("ONNX model %s matches the checkpoint (max |diff| %.2e)", path, worst)
     else:
-        info = {k: predictor.meta[k] for k in ("model", "class_names", "intensity", "zoom") if k in predictor.meta}
+        info = {k: predictor.meta[k] for k in ("model", "class_names", "intensity", "zoom", "overlap") if k in predictor.meta}
         report = export_onnx(model, path, tile_hw=args[0], in_chans=args[1], mean=args[2], std=args[3],
                              metadata=info, atol=atol)
         logger.info("exported %s", report)

@@ -46,7 +46,7 @@ CLI::
 
     python -m segment.predict CHECKPOINT INPUTS... --out DIR [--databar auto | --crop-bottom N]
         [--pixel-size 2.5nm] [--particle-classes secondary,tertiary] [--watershed] [--tta]
-        [--overlap 0.5] [--batch-size 8] [--device cuda | --backend onnx [--onnx-file F]] [--probs] [--overwrite]
+        [--overlap F] [--batch-size 8] [--device cuda | --backend onnx [--onnx-file F]] [--probs] [--overwrite]
         [--ci-resamples 2000] [--ci-seed 0] [--ci-method t|percentile|bca]
 """
 from __future__ import annotations
@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     g = p.add_argument_group("inference")
-    g.add_argument("--overlap", type=float, default=0.5, help="tile overlap fraction (default 0.5)")
+    g.add_argument("--overlap", type=float, default=None,
+                   help="tile overlap fraction (default: the checkpoint's, 0.5 for older ones)")
     g.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     g.add_argument("--tile-size", type=int, default=None, help="tile edge (default: the checkpoint's)")
     g.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
@@ -226,12 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
     settings: dict[str, Any] = dict(overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
                                     device=device, amp_dtype=amp, progress=False)
-    if args.tile_size:
-        settings["tile_size"] = args.tile_size
-    if args.zoom is not None:
-        settings["zoom"] = args.zoom
+    settings.update(tile_size=args.tile_size or None, zoom=args.zoom)  # None: the checkpoint's value
     onnx_file = args.onnx_file or args.out / "model.onnx"
-    try:  # intensity scaling: the checkpoint's meta["intensity"] ("dtype" when absent), as trained
+    try:  # tile, overlap, intensity, zoom: the checkpoint's (segment.checkpoint.inference_settings) unless given
         if onnx:
             predictor = onnx_predictor(args.checkpoint, onnx_file, **settings)
         else:

@@ -54,6 +54,7 @@ def test_finetune_writes_run_folder(tmp_path):
     model, meta = load_model(run)
     assert meta["class_names"] == ["matrix", "secondary", "tertiary"]
     assert meta["intensity"] == "percentile"  # data.intensity default, read back by Predictor.from_checkpoint
+    assert meta["overlap"] == 0.5  # train.tile_overlap, what evaluate and predict use unless told otherwise
     assert len(read_history(run / "history.csv")) == 2
 
 

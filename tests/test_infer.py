@@ -263,3 +263,27 @@ def test_amp_bfloat16_on_cpu_runs():
     ref = Predictor(model, tile_size=32).predict_logits(image)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+
+
+def test_inference_settings_come_from_model_json_with_legacy_meanings(tmp_path):
+    """Tile, overlap, mean/std, intensity and zoom are read from model.json; keys an older file lacks mean
+    what those checkpoints ran with; CLI values (not None) win; a missing tile size is a clear error."""
+    import json
+
+    from segment.checkpoint import LEGACY_INFERENCE, inference_settings, save_model
+    from segment.models import create_model
+
+    model = create_model("unet_test", num_classes=2, in_chans=1, img_size=32)
+    new = dict(model="unet_test", model_kwargs=dict(num_classes=2, in_chans=1, img_size=32), tile_size=32,
+               overlap=0.25, mean=[0.4], std=[0.2], intensity="zscore", zoom=0.5)
+    p = Predictor.from_checkpoint(save_model(tmp_path / "new", model, new))
+    assert (p.tile_hw, p.overlap, p.mean, p.std, p.intensity, p.zoom) == ((32, 32), 0.25, (0.4,), (0.2,), "zscore", 0.5)
+    p = Predictor.from_checkpoint(tmp_path / "new", overlap=None, zoom=1.0, tile_size=None)
+    assert (p.overlap, p.zoom, p.tile_hw) == (0.25, 1.0, (32, 32))
+    old = {k: v for k, v in new.items() if k not in ("overlap", "intensity", "zoom")}
+    p = Predictor.from_checkpoint(save_model(tmp_path / "old", model, old))
+    assert (p.overlap, p.intensity, p.zoom) == (LEGACY_INFERENCE["overlap"], "dtype", 1.0)
+    meta = json.loads((tmp_path / "old" / "model.json").read_text())
+    del meta["tile_size"]
+    with pytest.raises(KeyError, match="'tile_size'"):
+        inference_settings(meta, tmp_path / "old")

@@ -134,7 +134,7 @@ def test_finetune_evaluate_best_records_a_bad_test_image(tmp_path, monkeypatch):
     bad_img, bad_mask = write_pair(d, "bad", labels())
     bad_img.write_bytes(b"")
     meta = {"tile_size": 8, "mean": [0.5], "std": [0.25], "intensity": "dtype"}
-    monkeypatch.setattr(finetune_state, "load_model", lambda path: (NearestLevel(), meta))
+    monkeypatch.setattr(segment.infer, "load_model", lambda path: (NearestLevel(), meta))
     cfg = SimpleNamespace(train=SimpleNamespace(tile_overlap=0.5, tta=False, batch_size=4), overlays=1)
     data = Data(CLASS_MAP, [], [], {"test": [good, (bad_img, bad_mask)]})
     result = finetune_state.evaluate_best(tmp_path / "run", data, cfg, "cpu")  # must not raise after training
