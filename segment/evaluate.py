@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from pretrain.cli_checks import writable_dir
@@ -37,11 +36,10 @@ from pretrain.intensity import check_not_constant
 from pretrain.io import ImageContentError, ImageReadError, read_micrograph, read_raw
 from pretrain.outputs import atomic_write_text, markdown_table, write_csv
 from segment.class_maps import ClassMap, MaskError, get_class_map
-from segment.infer import Predictor
+from segment.infer import Predictor, add_inference_args, inference_kwargs
 from segment.metrics import aggregate, confusion_matrix, summarize
 from segment.overlay import save_panel
 from segment.pairs import find_pairs
-from segment.zoom import zoom_arg
 
 __all__ = ["PROBLEMS", "PairFailure", "evaluate_image", "evaluate_sets", "read_truth", "format_summary_md",
            "parse_set_arg", "main"]
@@ -337,18 +335,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", required=True, metavar="NAME=ROOT[:SPLIT]",
                    help="a labelled set; SPLIT defaults to 'test' (repeatable)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
-    p.add_argument("--overlap", type=float, default=None,
-                   help="tile overlap fraction (default: the checkpoint's, 0.5 for older ones)")
-    p.add_argument("--zoom", type=zoom_arg, default=None,
-                   help="resize factor between the images and the model's grid (default: the checkpoint's)")
+    add_inference_args(p.add_argument_group("inference"))
     p.add_argument("--class-map", default=None,
                    help="class map preset (super, ebc, ...); default: the checkpoint's")
     p.add_argument("--layout", choices=["auto", "nasa", "plain"], default="auto",
                    help="folder layout of the sets (see segment.data.find_pairs)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
-    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype")
     p.add_argument("--max-overlays", type=int, default=8, help="overlay figures per set")
     p.add_argument("--no-overlays", action="store_true", help="write no figures")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -365,10 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     writable_dir(args.out, "--out")  # before loading the model: one line, not a failure at the first image
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = [parse_set_arg(s) for s in args.sets]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
-    predictor = Predictor.from_checkpoint(args.checkpoint, overlap=args.overlap, tta=args.tta, zoom=args.zoom,
-                                          batch_size=args.batch_size, device=device, amp_dtype=amp)
+    predictor = Predictor.from_checkpoint(args.checkpoint, **inference_kwargs(args))
     meta = predictor.meta  # inference settings as recorded (segment.checkpoint.inference_settings)
     spec = args.class_map if args.class_map is not None else meta.get("class_map")
     if spec is None:

@@ -10,6 +10,7 @@ by band (:mod:`segment.stream`).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -23,9 +24,9 @@ from torch import Tensor, nn
 from pretrain.intensity import canonical_intensity, scale_intensity
 from segment.checkpoint import inference_settings, load_model
 from segment.tiling import TensorRows, gaussian_importance, tile_logit_rows
-from segment.zoom import check_zoom, resize_image, resize_logits, zoomed_hw
+from segment.zoom import check_zoom, resize_image, resize_logits, zoom_arg, zoomed_hw
 
-__all__ = ["dihedral_transforms", "Predictor"]
+__all__ = ["dihedral_transforms", "Predictor", "add_inference_args", "inference_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,3 +260,26 @@ class Predictor:
         probs = torch.softmax(logits, dim=0).numpy() if return_probs else None
         return labels, probs
 
+
+# ----------------------------------------------------------------------------- command line
+def add_inference_args(group: argparse._ActionsContainer) -> None:
+    """The inference options of ``segment.evaluate`` and ``segment.predict``, defined once; a value not
+    given (None) is the checkpoint's (:func:`segment.checkpoint.inference_settings`)."""
+    group.add_argument("--tile-size", type=int, default=None, help="tile edge (default: the checkpoint's)")
+    group.add_argument("--overlap", type=float, default=None,
+                       help="tile overlap fraction (default: the checkpoint's, 0.5 for older ones)")
+    group.add_argument("--zoom", type=zoom_arg, default=None,
+                       help="resize factor between every image and the model's grid (default: the checkpoint's "
+                            "data.zoom; predict: per image from the pixel sizes when known)")
+    group.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    group.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    group.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype on the device")
+
+
+def inference_kwargs(args: argparse.Namespace, *, cpu_only: bool = False) -> dict[str, Any]:
+    """:meth:`Predictor.from_checkpoint` settings from :func:`add_inference_args`' options."""
+    device = args.device or ("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
+    return dict(tile_size=args.tile_size, overlap=args.overlap, zoom=args.zoom, tta=args.tta,
+                batch_size=args.batch_size, device=device, amp_dtype=amp)

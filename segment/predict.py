@@ -57,14 +57,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pretrain.cli_checks import writable_dir
 from segment.batch import expand_inputs, predict_paths
 from segment.checkpoint import resolve_checkpoint
 from segment.class_maps import get_class_map
-from segment.infer import Predictor
+from segment.infer import Predictor, add_inference_args, inference_kwargs
 from segment.onnx_backend import BACKENDS, onnx_predictor
 from segment.ood import META_FILE as OOD_META_FILE
 from segment.ood import OODSummary
@@ -73,7 +72,6 @@ from segment.quantify import parse_pixel_size
 from segment.records import PredictOptions
 from segment.run_outputs import PNG_MAX_SIDE
 from segment.uncertainty import Bootstrap
-from segment.zoom import zoom_arg
 
 __all__ = ["parse_particle_classes", "main"]
 
@@ -114,16 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     g = p.add_argument_group("inference")
-    g.add_argument("--overlap", type=float, default=None,
-                   help="tile overlap fraction (default: the checkpoint's, 0.5 for older ones)")
-    g.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
-    g.add_argument("--tile-size", type=int, default=None, help="tile edge (default: the checkpoint's)")
-    g.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
-    g.add_argument("--zoom", type=zoom_arg, default=None,
-                   help="resize factor between every image and the model's grid (default: the checkpoint's "
-                        "data.zoom, or per image from the pixel sizes); given, it is used for every image")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype on the device")
+    add_inference_args(g)
     g.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch (default) or onnx: the checkpoint exported to ONNX (segment.export) and run by "
                         "onnxruntime on the CPU, same tiles and band-wise memory; masks agree with torch's on "
@@ -223,11 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     onnx = args.backend == "onnx"
     if args.onnx_file is not None and not onnx:
         raise SystemExit("--onnx-file needs --backend onnx")
-    device = args.device or ("cpu" if onnx or not torch.cuda.is_available() else "cuda")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp or "")
-    settings: dict[str, Any] = dict(overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
-                                    device=device, amp_dtype=amp, progress=False)
-    settings.update(tile_size=args.tile_size or None, zoom=args.zoom)  # None: the checkpoint's value
+    settings = inference_kwargs(args, cpu_only=onnx) | dict(progress=False)  # None: the checkpoint's value
+    device = settings["device"]
     onnx_file = args.onnx_file or args.out / "model.onnx"
     try:  # tile, overlap, intensity, zoom: the checkpoint's (segment.checkpoint.inference_settings) unless given
         if onnx:
