@@ -4,7 +4,7 @@
     nice -n 10 python bench/output_granularity.py --sets Super1 --blocks 1 2 4 8 16
 
 Method: every test mask of each NASA-layout set (`DATA/nasa/<SET>/test` + `test_annot`, paired by
-`segment.data.find_pairs`) is read with the product's readers (`ClassMap.encode(read_raw(mask))`, class
+`segment.pairs.find_pairs`) is read with the product's readers (`ClassMap.encode(read_raw(mask))`, class
 map "super" for Super*, "ebc" for EBC*, as configs/data/*.yaml use). For each block size b, the truth
 label map is replaced by its block majority (:func:`block_majority`): the image is cut into b x b
 blocks aligned at the top-left corner, each block takes the class with the most pixels in it, ties

@@ -155,7 +155,7 @@ def evaluate_sets(
 ) -> dict[str, dict[str, Any]]:
     """Segment and score every ``(image, mask)`` pair of every set; write tables and figures.
 
-    ``class_map`` is a ``segment.data.ClassMap``, a preset name or a dict. A pair's mask may be
+    ``class_map`` is a ``segment.class_maps.ClassMap``, a preset name or a dict. A pair's mask may be
     None (no mask found). Returns, per set name, :func:`segment.metrics.aggregate` of its images
     plus ``images`` (the per-image rows of ``metrics.csv``) and ``failed`` (``{"image", "file",
     "problem", "error"}`` for each pair that could not be scored, also in ``failures.csv``). It
@@ -339,7 +339,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", default=None,
                    help="class map preset (super, ebc, ...); default: the checkpoint's")
     p.add_argument("--layout", choices=["auto", "nasa", "plain"], default="auto",
-                   help="folder layout of the sets (see segment.data.find_pairs)")
+                   help="folder layout of the sets (see segment.pairs.find_pairs)")
     p.add_argument("--max-overlays", type=int, default=8, help="overlay figures per set")
     p.add_argument("--no-overlays", action="store_true", help="write no figures")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
