@@ -27,6 +27,7 @@ from pretrain.pixel_size import tiff_pixel_size_nm
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "PathLike",
     "ImageContentError",
     "ImageReadError",
     "MicrographWarning",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+"""A file or folder name as the commands take it."""
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """File suffixes this module reads (matched case-insensitively)."""

@@ -7,7 +7,6 @@ that does not fit its map is a :class:`MaskError` naming the file.
 from __future__ import annotations
 
 import logging
-import os
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pretrain.io import PathLike
 
 __all__ = [
     "CLASS_MAPS",
@@ -28,7 +29,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 RGB = tuple[int, int, int]
 
 _MAX_CLASSES = 255  # uint8 labels; 255 is kept free as the "unmatched" sentinel while encoding

@@ -13,13 +13,12 @@ Folder layouts (:func:`find_pairs`):
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from pretrain.io import IMAGE_SUFFIXES, list_images
+from pretrain.io import IMAGE_SUFFIXES, PathLike, list_images
 
 __all__ = [
     "Pair",
@@ -30,7 +29,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 Pair = tuple[Path, Path]
 
 _TOP = 5  # images without a mask / masks without an image listed in a message
