@@ -211,12 +211,13 @@ def test_misspelt_override_names_the_nearest_key(module, override, nearest):
 
 def test_study_cell_with_a_misspelt_plus_key_is_an_error(tmp_path):
     """Study presets compose through the API, where Hydra's `+` adds any key: compose_cell checks them."""
-    import launch.study as st
+    from launch.study_grid import Cell
+    from launch.study_run import compose_cell
 
-    cell = st.Cell(model="unet_lite", init="random", trainset="s", seed=0,
-                   overrides=["model=unet_lite", "data=synthetic_super", "+train.epoch=3"])
+    cell = Cell(model="unet_lite", init="random", trainset="s", seed=0,
+                overrides=["model=unet_lite", "data=synthetic_super", "+train.epoch=3"])
     with pytest.raises(ValueError, match=r"train\.epoch.*train\.epochs"):
-        st.compose_cell(cell, tmp_path)
+        compose_cell(cell, tmp_path)
 
 
 def test_open_dicts_and_groups_stay_valid():
