@@ -26,9 +26,9 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from pretrain.data import decode_image
 from pretrain.io import ImageReadError, is_tiff, read_micrograph
 from pretrain.pixel_size import tiff_pixel_size_nm
+from pretrain.samples import decode_image
 
 __all__ = ["PassInfo", "probe", "read_checked"]
 

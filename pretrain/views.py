@@ -29,7 +29,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from pretrain.data import normalize_intensity
+from pretrain.samples import normalize_intensity
 
 __all__ = [
     "Augment",

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pretrain.data import normalize_intensity
 from pretrain.intensity import INTENSITY_MODES, intensity_window, scale_intensity
 from pretrain.io import write_tiff
+from pretrain.samples import normalize_intensity
 from segment.checkpoint import save_model
 from segment.data import SegmentationDataset
 from segment.infer import Predictor

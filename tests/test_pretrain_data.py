@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from pretrain import shards as sh
-from pretrain.data import (
-    Batch, SkipCounter, intensity_range, iterate_samples, list_shards, make_loader, normalize_intensity,
-)
+from pretrain.data import Batch, SkipCounter, iterate_samples, list_shards, make_loader
+from pretrain.intensity import intensity_range
 from pretrain.io import write_tiff
+from pretrain.samples import normalize_intensity
 from pretrain.shard_format import MANIFEST_NAME
 from pretrain.views import EvalView, MultiCrop, TwoViews, as_image_tensor, stack_views
 

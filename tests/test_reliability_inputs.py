@@ -22,8 +22,9 @@ from torch import nn
 
 import segment.infer
 from pretrain import shards as sh
-from pretrain.data import _decode_field, list_shards
+from pretrain.data import list_shards
 from pretrain.io import ImageReadError, read_raw, write_tiff
+from pretrain.samples import _decode_field
 from pretrain.shard_format import MANIFEST_NAME
 from segment.class_maps import CLASS_MAPS, MaskError
 from segment.data import SegmentationDataset
@@ -233,7 +234,7 @@ def test_non_finite_image_is_named_in_predict_and_evaluate(tmp_path, value):
 
 
 def test_non_finite_image_is_named_in_training_data_shards_and_loader(tmp_path):
-    from pretrain.data import _Prepare
+    from pretrain.samples import _Prepare
 
     bad = write_tiff(tmp_path / "nan.tif", float_image(float("nan")))
     mask = write_tiff(tmp_path / "nan_mask.tif", np.zeros((20, 24), np.uint8))

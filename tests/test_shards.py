@@ -11,8 +11,9 @@ import webdataset as wds
 from PIL import Image
 
 from pretrain import shards as sh
-from pretrain.data import _decode_field, list_shards
+from pretrain.data import list_shards
 from pretrain.io import write_tiff
+from pretrain.samples import _decode_field
 from pretrain.shard_format import MANIFEST_NAME, LabelSpec, parse_size, sanitize_key
 from pretrain.shard_plan import plan_chunks
 
