@@ -88,7 +88,7 @@ def make_pool(kind: str, n: int, size: int, seed: int) -> tuple[list, list]:
     for i in range(n):
         image_seed = int(np.random.SeedSequence([seed, 17, list(GENERATORS).index(kind), i]).generate_state(1)[0])
         if kind == "superalloy":
-            from pretrain.synthetic import superalloy
+            from pretrain.synthetic_materials import superalloy
 
             lab = superalloy((size, size), seed=image_seed)[1]
         else:

@@ -86,7 +86,7 @@ def _write_16bit(task: tuple[str, str, int, int, int]) -> int:
     """Worker: ``n`` 16-bit micrographs (synthetic 8-bit pattern x 256 plus a deterministic low byte,
     i.e. the whole 16-bit range with sensor-like noise) into ``root/synthetic16/``."""
     from pretrain.io import write_tiff
-    from pretrain.synthetic import coating, superalloy
+    from pretrain.synthetic_materials import coating, superalloy
 
     root, _, n, size, seed = task
     for i in range(n):

@@ -117,7 +117,7 @@ def run_child(method: str, args: argparse.Namespace, image: Path, labels: Path) 
 def make_image(path: Path, size: int) -> None:
     import tifffile
 
-    from pretrain.synthetic import superalloy
+    from pretrain.synthetic_materials import superalloy
 
     block = 1024
     image = np.empty((size, size), np.uint8)

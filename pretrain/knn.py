@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from pretrain.data import normalize_intensity
 from pretrain.io import list_images, read_micrograph, write_tiff
-from pretrain.synthetic import GENERATORS, Shift
+from pretrain.synthetic_imaging import Shift
+from pretrain.synthetic_materials import GENERATORS
 from pretrain.views import EvalView
 
 __all__ = [

@@ -104,7 +104,7 @@ def check_inputs(tile_hw: tuple[int, int], in_chans: int, mean: Sequence[float],
                 *, multiple: int = 1, dynamic_hw: bool = True, seed: int = 0) -> list[Tensor]:
     """Check inputs: a normalised synthetic micrograph tile (batch 1), a batch of 3 noise tiles and,
     with ``dynamic_hw``, an input one multiple larger than the tile and one of odd size."""
-    from pretrain.synthetic import superalloy  # scipy + scikit-image (~0.5 s): only for the check inputs
+    from pretrain.synthetic_materials import superalloy  # scipy + scikit-image (~0.5 s): only for the check inputs
 
     th, tw = tile_hw
     image = to_float(superalloy((th, tw), seed=seed)[0])

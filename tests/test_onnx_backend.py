@@ -10,7 +10,7 @@ from PIL import Image
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from pretrain.synthetic import superalloy  # noqa: E402
+from pretrain.synthetic_materials import superalloy  # noqa: E402
 from segment.checkpoint import save_model  # noqa: E402
 from segment.infer import Predictor  # noqa: E402
 from segment.models import create_model  # noqa: E402

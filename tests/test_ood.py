@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.synthetic import TEST_SHIFT, superalloy
+from pretrain.synthetic_imaging import TEST_SHIFT
+from pretrain.synthetic_materials import superalloy
 from segment.checkpoint import save_model
 from segment.infer import Predictor
 from segment.models import create_model

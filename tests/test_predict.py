@@ -11,7 +11,7 @@ from skimage.draw import disk
 from torch import nn
 
 from pretrain.io import read_pixel_size_nm, write_tiff
-from pretrain.synthetic import superalloy
+from pretrain.synthetic_materials import superalloy
 from segment.databar import detect_databar, find_databar, row_profile
 from segment.infer import Predictor
 from segment.batch import expand_inputs, output_keys, predict_paths

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pretrain.synthetic import superalloy
+from pretrain.synthetic_materials import superalloy
 from segment.infer import Predictor
 from segment.batch import predict_paths
 from segment.records import PredictOptions

@@ -7,19 +7,9 @@ from scipy import ndimage as ndi
 from skimage.measure import label as connected, regionprops
 
 from pretrain.io import list_images, read_micrograph, read_pixel_size_nm, read_raw
-from pretrain.synthetic import (
-    CLASS_NAMES,
-    GENERATORS,
-    TEST_SHIFT,
-    Shift,
-    _image_seed,
-    coating,
-    main,
-    overlay_mask,
-    superalloy,
-    write_nasa_set,
-    write_unlabeled,
-)
+from pretrain.synthetic import _image_seed, main, overlay_mask, write_nasa_set, write_unlabeled
+from pretrain.synthetic_imaging import TEST_SHIFT, Shift
+from pretrain.synthetic_materials import CLASS_NAMES, GENERATORS, coating, superalloy
 
 SIZE = (128, 128)
 CLEAN = Shift(noise=0.0, blur=0.0, drift=0.0)
