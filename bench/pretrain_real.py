@@ -134,7 +134,7 @@ def per_class(holdout: Path, export: Path, args) -> str:
     from pretrain.encoders import build_encoder
     from pretrain.knn import extract_features, holdout_crops, load_holdout
     from pretrain.views import EvalView
-    from segment.weights import read_checkpoint
+    from segment.weight_formats import read_checkpoint
 
     h = load_holdout(holdout, crop_size=args.knn_crop, img_size=args.global_size, crops_per_image=args.knn_crops,
                      max_images_per_class=40, in_chans=1, mean=0.5, std=0.25)

@@ -10,10 +10,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from torch import nn
 
+from pretrain.export import ENCODER_META
 from pretrain.intensity import canonical_intensity
 from segment.config import FinetuneConfig
 from segment.models import create_model
-from segment.weights import ENCODER_META, load_model_encoders
+from segment.weights import load_model_encoders
 
 log = logging.getLogger(__name__)
 

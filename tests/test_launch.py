@@ -709,7 +709,7 @@ def test_real_local_two_cpu_processes_export_encoder(tmp_path, stubs):
         assert (rec["world_size"], rec["step"]) == (2, 4)
     assert rank_record(run, 0)["shards_read"] != rank_record(run, 1)["shards_read"], "each rank reads its shards"
     assert checkpoint_steps(run) == [2, 4]
-    from segment.weights import read_checkpoint
+    from segment.weight_formats import read_checkpoint
 
     state, meta = read_checkpoint(run / "export")
     assert (run / "export" / "encoder.json").is_file() and state

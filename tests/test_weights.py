@@ -13,16 +13,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pretrain.export import export_encoder
-from segment.weights import (
-    ENCODER_FILE,
-    ENCODER_META,
-    LoadReport,
-    WeightsMismatchError,
-    load_encoder_weights,
-    load_model_encoders,
-    read_checkpoint,
-)
+from pretrain.export import ENCODER_FILE, ENCODER_META, export_encoder
+from segment.weight_formats import read_checkpoint
+from segment.weights import LoadReport, WeightsMismatchError, load_encoder_weights, load_model_encoders
 
 SWIN = "swin_tiny_patch4_window7_224"
 
