@@ -19,7 +19,7 @@ t(n-1) x bootstrap SE x sqrt(n/(n-1))).
 
 Generators:
 
-* ``superalloy``: ``pretrain.synthetic.superalloy`` (classes matrix / secondary / tertiary; secondary
+* ``superalloy``: ``pretrain.synthetic_materials.superalloy`` (classes matrix / secondary / tertiary; secondary
   and tertiary measured as particles; 5 nm/px). Each image draws its own microstructure parameters
   (secondary fraction uniform 42-53 %, exact per image; period 70-90 px; tertiary 1.5-3.5 %), so most
   of the variance is between images.

@@ -4,7 +4,7 @@
     python bench/predict_memory.py [--size 8192] [--model unet_lite] [--tile 256] [--overlap 0.5]
                                    [--batch 8] [--classes 3] [--repeats 3] [--threads 2] [--zoom 0.5]
 
-Input: a size x size uint8 synthetic superalloy micrograph (1024-pixel `pretrain.synthetic`
+Input: a size x size uint8 synthetic superalloy micrograph (1024-pixel `pretrain.synthetic_materials`
 tiles), written as an uncompressed TIFF, as SEMs write them. Both sides use the same model with
 the same random weights (seed 0), tile, overlap, Gaussian blending (sigma = tile / 8), batch and
 thread count, and both go from the file to a uint8 label map: ours memory-maps the TIFF and

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.data import normalize_intensity
 from pretrain.io import list_images, read_micrograph, write_tiff
+from pretrain.samples import normalize_intensity
 from pretrain.synthetic_imaging import Shift
 from pretrain.synthetic_materials import GENERATORS
 from pretrain.views import EvalView
@@ -218,7 +218,7 @@ def load_holdout(
     """Read a holdout folder (layouts in the module notes) into fixed, normalised crops.
 
     Each image is scaled to [0, 1] by the same per-image ``intensity`` mapping as training
-    (:func:`pretrain.data.normalize_intensity`), cut into ``crops_per_image`` crops of
+    (:func:`pretrain.samples.normalize_intensity`), cut into ``crops_per_image`` crops of
     ``crop_size`` native pixels on a grid, resized to ``img_size`` and normalised with
     ``mean``/``std`` (channels repeated to ``in_chans``). At most ``max_images_per_class`` images
     per class and split are used (evenly spaced in the sorted listing).
@@ -261,7 +261,7 @@ _QUERY_SHIFTS = (
     dict(contrast=0.6, noise=2.0),
     dict(blur=1.8, magnification=1.25),
     dict(brightness=0.08, gamma=1.3, drift=2.0),
-    dict(contrast=0.6, noise=2.0, blur=1.5, magnification=1.3),  # synthetic.TEST_SHIFT
+    dict(contrast=0.6, noise=2.0, blur=1.5, magnification=1.3),  # synthetic_imaging.TEST_SHIFT
 )
 
 

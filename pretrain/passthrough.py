@@ -10,7 +10,7 @@ one gray sample of 8 or 16 bits, a 2-D shape, black-is-zero photometry; anything
 with equal channels, palette, float, multi-page, inverted) takes the normal decode + re-encode path,
 which collapses, converts and checks it, and stores it as a lossless zstd TIFF (``shard_write.encode_image(fast=True)``;
 about 25x faster to write than PNG). Every ``check_every``-th file (by input index; 1 = all) is
-also decoded twice, as the writer would read it and as the loader will (``pretrain.data.decode_image``
+also decoded twice, as the writer would read it and as the loader will (``pretrain.samples.decode_image``
 on the copied bytes), and the two must be equal. Copied files are hashed by their bytes for the
 duplicate report (``bytes:`` prefix; re-encoded ones by their pixels), so among copied files only
 byte-identical copies are reported; leave ``--passthrough`` off for the pixel-level report.
@@ -80,7 +80,7 @@ def read_checked(path: str | Path, info: PassInfo, *, decode: bool) -> tuple[byt
     """The file's bytes and their hash (``bytes:`` + 16 hex digits of sha256).
 
     With ``decode``: the writer's reading (:func:`read_micrograph`) and the loader's decoding of
-    the bytes (``pretrain.data.decode_image``) must agree with each other and with the header,
+    the bytes (``pretrain.samples.decode_image``) must agree with each other and with the header,
     or :class:`ImageReadError` says what differs."""
     path = Path(path)
     data = path.read_bytes()

@@ -10,8 +10,8 @@ at 128 (they assume 8-bit RGB photographs), ImageNet statistics, blur that quant
 * :class:`TwoViews` (SimCLR, MoCo v3, BYOL), :class:`MultiCrop` (DINO): ``image -> list[Tensor]``.
 * :class:`EvalView` (k-NN, linear probe): deterministic resize + centre crop.
 
-The callables accept a float tensor from :mod:`pretrain.data`, but also integer arrays/tensors and
-PIL images (robust percentile normalisation, :func:`pretrain.data.normalize_intensity`), so the same
+The callables accept a float tensor from :mod:`pretrain.samples`, but also integer arrays/tensors and
+PIL images (robust percentile normalisation, :func:`pretrain.samples.normalize_intensity`), so the same
 views serve a plain map-style ``Dataset`` (e.g. torchvision ``ImageFolder``) for comparisons.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def as_image_tensor(image: Tensor | np.ndarray | Image.Image) -> Tensor:
 
     Float tensors/arrays pass through (``H x W`` gets a channel axis; HxWxC arrays are moved to
     channels first). Integer data (8/16-bit) and PIL images are scaled with the robust percentile
-    normalisation of :func:`pretrain.data.normalize_intensity`; colour PIL images become gray.
+    normalisation of :func:`pretrain.samples.normalize_intensity`; colour PIL images become gray.
     """
     if isinstance(image, Image.Image):
         if image.mode not in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
