@@ -39,7 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from pretrain.outputs import apply_umask, atomic_write_text
+from pretrain.outputs import apply_umask, atomic_write_text, replace_dir
 from pretrain.safe_state import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -236,9 +236,7 @@ class CheckpointManager:
             for path in (tmp, *tmp.rglob("*")):  # safetensors and torch.save write 0600 files
                 if not path.is_symlink():
                     apply_umask(path)
-            if final.exists():  # the same step saved again (e.g. stop right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # the same step saved again (e.g. a stop right after a periodic save) replaces it
             for _, old in list_checkpoints(self.run_dir)[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
             logger.info("checkpoint %s written in %.1f s", final, time.monotonic() - t0)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.outputs import atomic_write_text
+
 __all__ = [
     "FORMAT_VERSION",
     "LabelSpec",
@@ -187,9 +189,7 @@ class Manifest:
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write ``out_dir/manifest.json`` atomically."""
         path = Path(out_dir) / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pretrain.intensity import check_finite
 from pretrain.io import ImageReadError, read_micrograph
+from pretrain.outputs import atomic_path
 from pretrain.passthrough import probe, read_checked
 from pretrain.shard_format import ShardEntry
 from pretrain.shard_plan import PlannedFile, ShardTask
@@ -150,39 +151,33 @@ def _sample(item: PlannedFile, passthrough: int = 0) -> tuple[dict[str, Any], st
 
 
 def write_shard(task: ShardTask) -> ShardEntry:
-    """Write one shard to a temp file, fsync, rename; return its manifest entry."""
+    """Write one shard to a temp file, fsync, rename (:func:`pretrain.outputs.atomic_path`); return its manifest entry."""
     out_dir = Path(task.out_dir)
     final = out_dir / task.name
-    tmp = out_dir / f".{task.name}.tmp-{os.getpid()}"
     skipped: list[dict[str, str]] = []
     hashes: list[str | None] = []
     drop = dict(task.drop)
     dropped: list[dict[str, str]] = []
     samples = 0
-    try:
-        with tmp.open("wb") as raw:
-            sink = _HashingWriter(raw)
-            with TarStream(sink) as writer:
-                for item in task.items:
-                    try:
-                        sample, content = _sample(item, task.passthrough)
-                    except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and listed
-                        reason = exc.reason if isinstance(exc, ImageReadError) else f"{type(exc).__name__}: {exc}"
-                        skipped.append({"path": item.path, "reason": reason})
-                        hashes.append(None)
-                        continue
-                    hashes.append(content)
-                    if item.index in drop:
-                        dropped.append({"path": item.path, "duplicate_of": drop[item.index]})
-                        continue
-                    writer.write(sample)
-                    samples += 1
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(final) as tmp, tmp.open("wb") as raw:
+        sink = _HashingWriter(raw)
+        with TarStream(sink) as writer:
+            for item in task.items:
+                try:
+                    sample, content = _sample(item, task.passthrough)
+                except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and listed
+                    reason = exc.reason if isinstance(exc, ImageReadError) else f"{type(exc).__name__}: {exc}"
+                    skipped.append({"path": item.path, "reason": reason})
+                    hashes.append(None)
+                    continue
+                hashes.append(content)
+                if item.index in drop:
+                    dropped.append({"path": item.path, "duplicate_of": drop[item.index]})
+                    continue
+                writer.write(sample)
+                samples += 1
+        raw.flush()
+        os.fsync(raw.fileno())
     return ShardEntry(name=task.name, first=task.items[0].index, files=len(task.items), samples=samples,
                       bytes=sink.size, sha256=sink.sha.hexdigest(), digest=task.digest, skipped=skipped,
                       hashes=hashes, dropped=dropped)

@@ -54,6 +54,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pretrain.outputs import TMP_SUFFIX
 from pretrain.shard_format import (
     MANIFEST_NAME,
     SHARD_PATTERN,
@@ -115,7 +116,7 @@ def write_shards(
     maxsize = parse_size(maxsize)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard-*.tar.tmp-*"):
+    for stale in out.glob(f".shard-*.tar.*{TMP_SUFFIX}"):  # left by a killed writer (pretrain.outputs.atomic_path)
         stale.unlink(missing_ok=True)
 
     pairs, planning_skipped = collect_inputs(files_or_dirs)
@@ -310,7 +311,9 @@ def main(argv: Sequence[str] | None = None) -> Manifest:
         parser.error(str(exc))
     inputs = list(args.inputs)
     if args.synthetic:
-        from pretrain.synthetic import write_unlabeled  # scipy + scikit-image (0.5 s): only for --synthetic
+        from pretrain.synthetic import (
+            write_unlabeled,  # scipy + scikit-image (0.5 s): only for --synthetic
+        )
 
         folder = args.out / "synthetic"
         write_unlabeled(folder, args.synthetic, (args.synthetic_size, args.synthetic_size), args.seed)
