@@ -206,6 +206,25 @@ def test_cnns_go_channels_last_and_adamw_is_fused_only_on_cuda():
     assert not channels_last(build_encoder("swin_test", in_chans=1, img_size=32)[0])
 
 
+def test_a_hybrid_converts_its_convolutional_parts_only_and_computes_the_same():
+    from pretrain.throughput import channels_last
+    from segment.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cs_unet_hybrid_test", num_classes=3, in_chans=1, img_size=64).eval()
+    x = torch.randn(2, 1, 64, 64)
+    swin_strides = [p.stride() for p in model.swin.parameters()]
+    with torch.no_grad():
+        before = model(x)
+        assert channels_last(model)
+        after = model(x.contiguous(memory_format=torch.channels_last))
+    conv4d = lambda m: next(p for p in m.parameters() if p.ndim == 4 and p.shape[-1] > 1)  # noqa: E731
+    assert conv4d(model.cnn).is_contiguous(memory_format=torch.channels_last)
+    assert conv4d(model.decoder).is_contiguous(memory_format=torch.channels_last)
+    assert [p.stride() for p in model.swin.parameters()] == swin_strides  # the Swin is left as it was
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
 def test_opt_in_compile_keeps_state_dict_keys():
     from pretrain.encoders import build_encoder
     from pretrain.throughput import compile_module
