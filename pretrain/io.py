@@ -210,8 +210,11 @@ def _check_file(path: Path) -> None:
         raise ImageReadError(path, "file is empty")
 
 
-def is_tiff(path: Path) -> bool:
-    """Sniff the TIFF signature, so that a mis-named file still goes to the right decoder."""
+def is_tiff(path: Path | bytes) -> bool:
+    """Sniff the TIFF signature of a file (or of its bytes already read), so that a mis-named file still
+    goes to the right decoder."""
+    if isinstance(path, bytes):
+        return path[:4] in _TIFF_MAGIC
     with path.open("rb") as fh:
         return fh.read(4) in _TIFF_MAGIC
 

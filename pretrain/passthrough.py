@@ -18,6 +18,7 @@ byte-identical copies are reported; leave ``--passthrough`` off for the pixel-le
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +49,14 @@ class PassInfo:
     pixel_size_nm: float | None
 
 
-def probe(path: str | Path) -> PassInfo | None:
-    """The header facts of ``path`` when it can be copied as it is, else None (re-encode it)."""
+def probe(path: str | Path, data: bytes | None = None) -> PassInfo | None:
+    """The header facts of ``path`` (read from ``data``, its bytes, when given) when it can be copied as it
+    is, else None (re-encode it)."""
     path = Path(path)
+    source = io.BytesIO(data) if data is not None else path
     try:
-        if is_tiff(path):
-            with tifffile.TiffFile(path) as tif:
+        if is_tiff(data if data is not None else path):
+            with tifffile.TiffFile(source) as tif:
                 if len(tif.pages) != 1:
                     return None
                 page = tif.pages.first
@@ -64,7 +67,7 @@ def probe(path: str | Path) -> PassInfo | None:
                                 page.dtype.itemsize * 8, tiff_pixel_size_nm(tif))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 gray = _PIL_GRAY.get(img.mode)
                 if img.format not in _EXT or gray is None or getattr(img, "n_frames", 1) != 1:
                     return None
@@ -76,14 +79,14 @@ def probe(path: str | Path) -> PassInfo | None:
         return None
 
 
-def read_checked(path: str | Path, info: PassInfo, *, decode: bool) -> tuple[bytes, str]:
-    """The file's bytes and their hash (``bytes:`` + 16 hex digits of sha256).
+def read_checked(path: str | Path, info: PassInfo, *, decode: bool, data: bytes | None = None) -> tuple[bytes, str]:
+    """The file's bytes (``data`` when already read) and their hash (``bytes:`` + 16 hex digits of sha256).
 
     With ``decode``: the writer's reading (:func:`read_micrograph`) and the loader's decoding of
     the bytes (``pretrain.samples.decode_image``) must agree with each other and with the header,
     or :class:`ImageReadError` says what differs."""
     path = Path(path)
-    data = path.read_bytes()
+    data = path.read_bytes() if data is None else data
     content = "bytes:" + hashlib.sha256(data).hexdigest()[:16]
     if not decode:
         return data, content

@@ -111,10 +111,11 @@ def pixel_hash(image: np.ndarray) -> str:
 def _passthrough_sample(item: PlannedFile, check_every: int) -> tuple[dict[str, Any], str] | None:
     """The sample with the file's own bytes (:mod:`pretrain.passthrough`), or None when the file
     must be decoded and re-encoded."""
-    info = probe(item.path)
+    data = Path(item.path).read_bytes()  # read once: the header check and the copy use the same bytes
+    info = probe(item.path, data)
     if info is None:
         return None
-    data, content = read_checked(item.path, info, decode=item.index % check_every == 0)
+    data, content = read_checked(item.path, info, decode=item.index % check_every == 0, data=data)
     meta = {
         "source": item.path, "key": item.key, "index": item.index, "height": info.height, "width": info.width,
         "dtype": info.dtype, "bit_depth": info.bit_depth, "pixel_size_nm": info.pixel_size_nm, "format": info.ext,
