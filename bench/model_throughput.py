@@ -7,7 +7,9 @@ Peer: `smp.Unet(encoder_name="tu-<cnn>")`, smp's own encoder wrapper, so the com
 library as users get it, not our wrapper of it.
 
 `--models A B ...` instead times registry models against the first one (e.g. `unet_lite`), taking
-turns for `--rounds` rounds so that a changing machine load falls on all of them alike; it prints
+turns for `--rounds` rounds so that a changing machine load falls on all of them alike, each in the
+memory format fine-tuning trains it in (`pretrain.throughput.channels_last`: NHWC for CNNs and for the
+convolutional parts of hybrids); it prints
 median seconds per training step and per inference call, and each model's ratio to the first:
 
     python bench/model_throughput.py --models unet_lite cs_unet_hybrid_lite cs_unet_lite \
@@ -28,6 +30,7 @@ import time
 import segmentation_models_pytorch as smp
 import torch
 
+from pretrain.throughput import channels_last
 from segment.models import create_model
 
 PAIRS = {  # name -> (our model, smp encoder, crop used to build our Swin)
@@ -87,7 +90,9 @@ def compare_models(
     """
     dev, size = x.device, x.shape[-1]
     models = {n: create_model(n, num_classes=3, in_chans=x.shape[1], img_size=size).to(dev) for n in names}
-    fns = {n: step_functions(m, x, y) for n, m in models.items()}
+    nhwc = {n: channels_last(m) for n, m in models.items()}  # as segment.finetune trains them
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+    fns = {n: step_functions(m, x_nhwc if nhwc[n] else x, y) for n, m in models.items()}
     for train_step, infer in fns.values():  # warm-up (allocator, first-call overheads)
         train_step()
         infer()
@@ -100,12 +105,14 @@ def compare_models(
                     fn()
                     out.append(clock() - t0)
     base_train, base_infer = (statistics.median(t) for t in times[names[0]])
-    print(f"| model | params (M) | train step (s) | infer (s) | train step / {names[0]} | infer / {names[0]} |")
-    print("|---|---|---|---|---|---|")
+    print(f"| model | params (M) | NHWC parts | train step (s) | infer (s) | train step / {names[0]} | "
+          f"infer / {names[0]} |")
+    print("|---|---|---|---|---|---|---|")
     for n in names:
         tr, inf = (statistics.median(t) for t in times[n])
         params = sum(p.numel() for p in models[n].parameters()) / 1e6
-        print(f"| {n} | {params:.2f} | {tr:.3f} | {inf:.3f} | {tr / base_train:.2f} | {inf / base_infer:.2f} |")
+        print(f"| {n} | {params:.2f} | {nhwc[n]} | {tr:.3f} | {inf:.3f} | {tr / base_train:.2f} | "
+              f"{inf / base_infer:.2f} |")
     print(f"\n{rounds} rounds x {repeats} calls per model, medians; per-round train-step ratios to {names[0]}:")
     for n in names[1:]:
         per_round = [
