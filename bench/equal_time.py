@@ -92,9 +92,9 @@ def run_jobs(jobs: list[Job], out: Path, minutes: float) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             cmd = job.command(out, minutes)
             (folder / "command.txt").write_text(shlex.join(cmd) + "\n")
-            log = open(folder / "log.txt", "a")
-            running.append((job, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
-                            time.time(), os.getloadavg()))
+            with open(folder / "log.txt", "a") as log:  # the child keeps its own descriptor
+                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((job, proc, time.time(), os.getloadavg()))
             print(f"started {job.name}", flush=True)
         for job, proc, t0, load0 in running:
             proc.wait()

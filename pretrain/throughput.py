@@ -58,9 +58,8 @@ def is_convnet(module: nn.Module) -> bool:
 
 def channels_last(module: nn.Module) -> bool:
     """Convert ``module`` to channels_last in place when it is a convolutional network, else its direct
-    children that are (the CNN branch, decoder and head of a CNN + Swin hybrid: about 17 % less CPU step
-    time for CS-UNet hybrid lite, measured interleaved); returns whether anything was converted (then feed
-    NHWC inputs)."""
+    children that are (the CNN branch and decoder of a CNN + Swin hybrid); returns whether anything was
+    converted (then feed NHWC inputs)."""
     if is_convnet(module):
         module.to(memory_format=torch.channels_last)
         return True

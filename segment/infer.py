@@ -88,7 +88,7 @@ class Predictor:
         zoom: resize factor between the image and the model's pixels (``data.zoom`` of training;
             :mod:`segment.zoom`): the image is resized by ``zoom``, tiled, and the logits resized
             back, so results are always on the image's own grid.
-        progress: show a tqdm bar over tile batches.
+        progress: report tiles done, tiles/s and ETA (:class:`segment.progress.TileProgress`).
     """
 
     def __init__(
