@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.outputs import atomic_path
+from segment.class_maps import RGB
 
 __all__ = [
     "ERROR_KEY",
@@ -39,8 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-RGB = tuple[int, int, int]
 
 ERROR_KEY: dict[str, RGB] = {
     "correct background": (45, 45, 45),

@@ -168,6 +168,24 @@ def test_bad_arguments_raise_clear_errors() -> None:
         create_model("cs_unet_test", decoder_window_size=0)
     with pytest.raises(ValueError, match="decoder must be one of"):
         create_model("unet_test", decoder="fpn")
+    with pytest.raises(TypeError, match="embed_dims"):  # a misspelt Swin argument is not silently dropped
+        create_model("cs_unet_test", embed_dims=32)
+    with pytest.raises(TypeError, match="embed_dims"):
+        create_model("cs_unet_hybrid_test", embed_dims=32)
+    with pytest.raises(ValueError, match="decoder is U-Net's"):
+        create_model("cs_unet_hybrid_test", decoder="unetplusplus")
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        create_model("cs_unet_hybrid_test", num_heads=(5, 2, 4, 8))
+
+
+def test_presets_are_registered_under_their_names_with_their_docs() -> None:
+    from segment.models import model_entrypoint
+
+    for name in list_models():
+        fn = model_entrypoint(name)
+        assert fn.__name__ == name and fn.__doc__, name
+        assert create_model.__module__ != fn.__module__  # filed by the family module that defines it
+    assert model_entrypoint("cs_unet_hybrid_lite").__module__ == "segment.models.cs_unet_hybrid"
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])

@@ -170,6 +170,14 @@ class SSLMethod(nn.Module):
         """The method's loss on validated views; cast outputs with ``.float()`` before the loss."""
         raise NotImplementedError
 
+    def _cross_view_loss(self, views: list[Tensor]) -> Tensor:
+        """BYOL's and MoCo v3's symmetrised loss: each view's student prediction against the other view's
+        teacher projection, `criterion(p0, z1)` and `criterion(p1, z0)` averaged."""
+        pair = self._two_views(views)
+        p0, p1 = (o["prediction"].float() for o in self.run_student(pair))
+        z0, z1 = (o["projection"].float() for o in self.run_teacher(pair))
+        return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+
     def _two_views(self, views: list[Tensor]) -> list[Tensor]:
         """The first two views, for two-view methods; extra (local) views are ignored, with a warning once."""
         if len(views) > 2 and not getattr(self, "_warned_views", False):

@@ -47,8 +47,4 @@ class BYOL(SSLMethod):
     def compute(
         self, views: list[Tensor], batch: Batch, step: int, teacher_temp: float | None
     ) -> dict[str, Tensor]:
-        pair = self._two_views(views)
-        p0, p1 = (o["prediction"].float() for o in self.run_student(pair))
-        z0, z1 = (o["projection"].float() for o in self.run_teacher(pair))
-        loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
-        return {"loss": loss}
+        return {"loss": self._cross_view_loss(views)}

@@ -62,8 +62,4 @@ class MoCoV3(SSLMethod):
     def compute(
         self, views: list[Tensor], batch: Batch, step: int, teacher_temp: float | None
     ) -> dict[str, Tensor]:
-        pair = self._two_views(views)
-        q0, q1 = (o["prediction"].float() for o in self.run_student(pair))
-        k0, k1 = (o["projection"].float() for o in self.run_teacher(pair))
-        loss = 0.5 * (self.criterion(q0, k1) + self.criterion(q1, k0))
-        return {"loss": loss}
+        return {"loss": self._cross_view_loss(views)}

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PatchExpand", "pad_to_multiple", "check_input", "to_config", "PAD_MODES"]
+__all__ = ["PatchExpand", "pad_to_multiple", "check_input", "check_model_args", "to_config", "PAD_MODES"]
 
 PAD_MODES = ("constant", "reflect", "replicate")
 
@@ -44,6 +44,15 @@ def check_input(x: torch.Tensor, in_chans: int, model_name: str) -> None:
         raise ValueError(
             f"{model_name} expects input of shape (B, {in_chans}, H, W), got {tuple(x.shape)}"
         )
+
+
+def check_model_args(num_classes: int, in_chans: int, img_size: int, pad_mode: str) -> None:
+    """Clear errors for the arguments every model family takes."""
+    for name, value in dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size).items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
 
 
 def _reflect(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import logging
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch.nn as nn
 
-__all__ = ["register_model", "list_models", "is_model", "model_entrypoint"]
+from ._layers import to_config
+
+__all__ = ["register_model", "register_variant", "list_models", "is_model", "model_entrypoint"]
 
 _logger = logging.getLogger(__name__)
 
@@ -27,6 +29,22 @@ def register_model(fn: ModelFn) -> ModelFn:
         raise ValueError(f"model '{name}' is already registered (by {_model_entrypoints[name].__module__})")
     _model_entrypoints[name] = fn
     return fn
+
+
+def register_variant(name: str, cls: Callable[..., nn.Module], defaults: dict[str, Any], doc: str) -> ModelFn:
+    """Register `name`: `cls(**{**defaults, **kwargs})`, its `config` the name and every argument it got."""
+    def build(**kwargs: Any) -> nn.Module:
+        args = {**defaults, **kwargs}
+        model = cls(**args)
+        model.config = to_config({"name": name, **args})
+        _logger.debug("built %s: %.2f M parameters, pad multiple %d", name,
+                      sum(p.numel() for p in model.parameters()) / 1e6, model.pad_multiple)
+        return model
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    build.__module__ = getattr(cls, "__module__", build.__module__)
+    return register_model(build)
 
 
 def list_models(filter: str | Iterable[str] = "", exclude_filters: str | Iterable[str] = ()) -> list[str]:

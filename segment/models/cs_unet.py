@@ -25,14 +25,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-import timm
 import torch
 import torch.nn as nn
 from timm.models import checkpoint_seq
 
 from ._cnn import TimmCNNEncoder
-from ._layers import PAD_MODES, check_input, lcm, pad_to_multiple, to_config
-from ._registry import register_model
+from ._layers import check_input, check_model_args, lcm, pad_to_multiple, to_config
+from ._registry import register_variant
+from ._swin_encoder import SWIN_INTERMEDIATE, SWIN_LITE, SWIN_ORIGINAL, SWIN_TEST, SwinSpec, create_swin
 from ._swin_decoder import CSUNetDecoder, _mirror_block
 
 __all__ = ["CSUNet"]
@@ -48,16 +48,13 @@ class CSUNet(nn.Module):
         in_chans: input channels (both encoders get them).
         img_size: training crop size; fixes which Swin stages use shifted windows (timm disables
             the shift in a stage whose feature map is no larger than its window).
-        patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias: the Swin encoder
-            (timm `SwinTransformer` arguments); the decoder mirrors depths and heads.
-        drop_path_rate, proj_drop_rate, attn_drop_rate: Swin regularisation; decoder stages reuse
-            the drop-path rates of the encoder stages they mirror.
-        decoder_window_size: decoder window size (None: `window_size`).
+        decoder_window_size: decoder window size (None: the Swin's `window_size`).
         cnn_name: timm CNN for the CNN branch (features at strides patch*2^i); None for Swin-UNet.
         cnn_kwargs: extra `timm.create_model` arguments for the CNN.
-        swin_name: timm Swin entry point (its architecture arguments are all overridden; the name
-            matters for loading timm/Microsoft weights).
         pad_mode: "constant" (zeros), "reflect" or "replicate", for inputs that need padding.
+        **swin: the Swin encoder, `SwinSpec` fields (patch_size, embed_dim, depths, num_heads, window_size,
+            mlp_ratio, qkv_bias, drop_path_rate, proj_drop_rate, attn_drop_rate, swin_name); the decoder
+            mirrors depths and heads, and its stages reuse the drop-path rates of the stages they mirror.
     """
 
     def __init__(
@@ -65,50 +62,33 @@ class CSUNet(nn.Module):
         num_classes: int = 3,
         in_chans: int = 1,
         img_size: int = 512,
-        patch_size: int = 4,
-        embed_dim: int = 96,
-        depths: Sequence[int] = (2, 2, 6, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int = 8,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_path_rate: float = 0.2,
-        proj_drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
         decoder_window_size: int | None = None,
         cnn_name: str | None = "resnet50",
         cnn_kwargs: dict[str, Any] | None = None,
-        swin_name: str = "swin_tiny_patch4_window7_224",
         pad_mode: str = "constant",
+        **swin: Any,
     ):
         super().__init__()
-        _validate(
-            num_classes, in_chans, img_size, patch_size, embed_dim, depths, num_heads, window_size, pad_mode,
-            decoder_window_size,
-        )
+        spec = SwinSpec.pop_from(swin)
+        if swin:
+            raise TypeError(f"CSUNet got unexpected keyword argument(s) {sorted(swin)}")
+        check_model_args(num_classes, in_chans, img_size, pad_mode)
+        if decoder_window_size is not None and (not isinstance(decoder_window_size, int) or decoder_window_size < 1):
+            raise ValueError(f"decoder_window_size must be a positive int or None, got {decoder_window_size!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.pad_mode = pad_mode
         self.config: dict[str, Any] = {}  # filled by the registered entry point
-        self._swin_spec = {
-            "timm_name": swin_name,
-            "timm_kwargs": dict(
-                num_classes=0, in_chans=in_chans, img_size=img_size, patch_size=patch_size,
-                embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads),
-                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate,
-                attn_drop_rate=attn_drop_rate, strict_img_size=False,
-            ),
-        }
-        self.swin = timm.create_model(swin_name, pretrained=False, **self._swin_spec["timm_kwargs"])
+        self._swin_spec = spec.timm_spec(in_chans, img_size)
+        self.swin = create_swin(self._swin_spec)
         strides = [int(info["reduction"]) for info in self.swin.feature_info]
         self.cnn = None
         if cnn_name is not None:
             self.cnn = TimmCNNEncoder(cnn_name, in_chans, strides=strides, **(cnn_kwargs or {}))
         cnn_channels = self.cnn.channels if self.cnn is not None else [0] * len(strides)
         self.decoder = CSUNetDecoder(
-            self.swin, cnn_channels, num_classes, decoder_window_size or window_size,
-            proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+            self.swin, cnn_channels, num_classes, decoder_window_size or spec.window_size,
+            proj_drop=spec.proj_drop_rate, attn_drop=spec.attn_drop_rate,
         )
         self.pad_multiple = self._pad_multiple(strides)
 
@@ -202,112 +182,25 @@ class CSUNet(nn.Module):
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
 
 
-def _validate(
-    num_classes: int, in_chans: int, img_size: int, patch_size: int, embed_dim: int,
-    depths: Sequence[int], num_heads: Sequence[int], window_size: int, pad_mode: str,
-    decoder_window_size: int | None,
-) -> None:
-    """Clear errors for arguments timm would reject late or obscurely."""
-    for name, value in dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                            patch_size=patch_size, embed_dim=embed_dim, window_size=window_size).items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if len(depths) < 2 or len(depths) != len(num_heads) or min(depths) < 1:
-        raise ValueError(
-            "depths and num_heads need one positive entry per stage (>= 2 stages), "
-            f"got {list(depths)}, {list(num_heads)}"
-        )
-    for i, heads in enumerate(num_heads):
-        if heads < 1 or (embed_dim * 2**i) % heads:
-            raise ValueError(f"stage {i}: width {embed_dim * 2**i} is not divisible by num_heads {heads}")
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
-    if decoder_window_size is not None and (not isinstance(decoder_window_size, int) or decoder_window_size < 1):
-        raise ValueError(f"decoder_window_size must be a positive int or None, got {decoder_window_size!r}")
-
-
-def _create_cs_unet(variant: str, **kwargs: Any) -> CSUNet:
-    model = CSUNet(**kwargs)
-    model.config = to_config({"name": variant, **kwargs})
-    _logger.debug("built %s: %.2f M parameters, pad multiple %d", variant, _millions(model), model.pad_multiple)
-    return model
-
-
-def _millions(model: nn.Module) -> float:
-    return sum(p.numel() for p in model.parameters()) / 1e6
-
-
-# Swin presets. Paper: Swin-T "original" / "intermediate" depths, window 8, 512 crops, drop-path 0.2.
-# Lite and test keep head dim 24 (embed / heads[0]); the test window is 4 so tiny inputs still shift.
-_SWIN_ORIGINAL = dict(
-    embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=8, img_size=512, drop_path_rate=0.2
-)
-_SWIN_INTERMEDIATE = dict(_SWIN_ORIGINAL, depths=(2, 2, 2, 2))
-_SWIN_LITE = dict(
-    embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16), window_size=8, img_size=256, drop_path_rate=0.1
-)
-_SWIN_TEST = dict(
-    embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, img_size=128, drop_path_rate=0.1
-)
-
-
-@register_model
-def cs_unet(**kwargs: Any) -> CSUNet:
-    """CS-UNet, paper "original": Swin-T depths (2,2,6,2), window 8, 512 crops, ResNet-50."""
-    return _create_cs_unet("cs_unet", **{**_SWIN_ORIGINAL, "cnn_name": "resnet50", **kwargs})
-
-
-@register_model
-def cs_unet_intermediate(**kwargs: Any) -> CSUNet:
-    """CS-UNet, paper "intermediate": Swin depths (2,2,2,2), window 8, 512 crops, ResNet-50."""
-    return _create_cs_unet("cs_unet_intermediate", **{**_SWIN_INTERMEDIATE, "cnn_name": "resnet50", **kwargs})
-
-
-@register_model
-def cs_unet_lite(**kwargs: Any) -> CSUNet:
-    """CS-UNet for small GPUs/CPU: Swin embed 48 (head dim 24), depths (2,2,2,2), 256 crops, ResNet-18."""
-    return _create_cs_unet("cs_unet_lite", **{**_SWIN_LITE, "cnn_name": "resnet18", **kwargs})
-
-
-@register_model
-def cs_unet_test(**kwargs: Any) -> CSUNet:
-    """Tiny CS-UNet for tests: Swin embed 24, window 4, timm `test_resnet`."""
-    return _create_cs_unet("cs_unet_test", **{**_SWIN_TEST, "cnn_name": "test_resnet", **kwargs})
-
-
-# The paper-faithful presets under explicit names (issue 14), beside `cs_unet_hybrid*`
-# (cs_unet_hybrid.py). The plain names above stay, and mean the same models.
-@register_model
-def cs_unet_paper(**kwargs: Any) -> CSUNet:
-    """Alias of `cs_unet`: the paper's "original" CS-UNet (Swin-UNet decoder, 4x patch-expand output)."""
-    return _create_cs_unet("cs_unet_paper", **{**_SWIN_ORIGINAL, "cnn_name": "resnet50", **kwargs})
-
-
-@register_model
-def cs_unet_paper_intermediate(**kwargs: Any) -> CSUNet:
-    """Alias of `cs_unet_intermediate`."""
-    return _create_cs_unet("cs_unet_paper_intermediate", **{**_SWIN_INTERMEDIATE, "cnn_name": "resnet50", **kwargs})
-
-
-@register_model
-def cs_unet_paper_lite(**kwargs: Any) -> CSUNet:
-    """Alias of `cs_unet_lite`."""
-    return _create_cs_unet("cs_unet_paper_lite", **{**_SWIN_LITE, "cnn_name": "resnet18", **kwargs})
-
-
-@register_model
-def swin_unet(**kwargs: Any) -> CSUNet:
-    """Swin-UNet (CS-UNet's decoder, no CNN branch) with the cs_unet Swin encoder."""
-    return _create_cs_unet("swin_unet", **{**_SWIN_ORIGINAL, "cnn_name": None, **kwargs})
-
-
-@register_model
-def swin_unet_lite(**kwargs: Any) -> CSUNet:
-    """Swin-UNet with the cs_unet_lite Swin encoder."""
-    return _create_cs_unet("swin_unet_lite", **{**_SWIN_LITE, "cnn_name": None, **kwargs})
-
-
-@register_model
-def swin_unet_test(**kwargs: Any) -> CSUNet:
-    """Tiny Swin-UNet for tests."""
-    return _create_cs_unet("swin_unet_test", **{**_SWIN_TEST, "cnn_name": None, **kwargs})
+# The paper-faithful presets, under their first names and (issue 14) under explicit `cs_unet_paper*` names beside
+# `cs_unet_hybrid*` (cs_unet_hybrid.py); Swin-UNet is the same model without the CNN branch.
+_VARIANTS = {
+    "cs_unet": (dict(SWIN_ORIGINAL, cnn_name="resnet50"),
+                "CS-UNet, paper \"original\": Swin-T depths (2,2,6,2), window 8, 512 crops, ResNet-50."),
+    "cs_unet_intermediate": (dict(SWIN_INTERMEDIATE, cnn_name="resnet50"),
+                             "CS-UNet, paper \"intermediate\": Swin depths (2,2,2,2), window 8, 512 crops, ResNet-50."),
+    "cs_unet_lite": (dict(SWIN_LITE, cnn_name="resnet18"), "CS-UNet for small GPUs/CPU: Swin embed 48 (head dim 24), "
+                     "depths (2,2,2,2), 256 crops, ResNet-18."),
+    "cs_unet_test": (dict(SWIN_TEST, cnn_name="test_resnet"), "Tiny CS-UNet for tests: Swin embed 24, window 4, "
+                     "timm `test_resnet`."),
+    "cs_unet_paper": (dict(SWIN_ORIGINAL, cnn_name="resnet50"), "Alias of `cs_unet`: the paper's \"original\" "
+                      "CS-UNet (Swin-UNet decoder, 4x patch-expand output)."),
+    "cs_unet_paper_intermediate": (dict(SWIN_INTERMEDIATE, cnn_name="resnet50"), "Alias of `cs_unet_intermediate`."),
+    "cs_unet_paper_lite": (dict(SWIN_LITE, cnn_name="resnet18"), "Alias of `cs_unet_lite`."),
+    "swin_unet": (dict(SWIN_ORIGINAL, cnn_name=None),
+                  "Swin-UNet (CS-UNet's decoder, no CNN branch) with the cs_unet Swin encoder."),
+    "swin_unet_lite": (dict(SWIN_LITE, cnn_name=None), "Swin-UNet with the cs_unet_lite Swin encoder."),
+    "swin_unet_test": (dict(SWIN_TEST, cnn_name=None), "Tiny Swin-UNet for tests."),
+}
+for _name, (_defaults, _doc) in _VARIANTS.items():
+    register_variant(_name, CSUNet, _defaults, _doc)

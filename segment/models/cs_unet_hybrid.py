@@ -62,7 +62,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -71,9 +70,9 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder
 from timm.models.swin_transformer import SwinTransformer
 
 from ._layers import check_input, lcm, pad_to_multiple, to_config
-from ._registry import register_model
-from .cs_unet import _SWIN_INTERMEDIATE, _SWIN_LITE, _SWIN_ORIGINAL, _SWIN_TEST, _validate
-from .unet import unet_parts
+from ._registry import register_variant
+from ._swin_encoder import SWIN_INTERMEDIATE, SWIN_LITE, SWIN_ORIGINAL, SWIN_TEST, SwinSpec, create_swin
+from .unet import _TEST_DECODER, TimmUnet
 
 __all__ = ["CSUNetHybrid", "SwinProjection", "InputSkip"]
 
@@ -115,76 +114,32 @@ class InputSkip(nn.Sequential):
         nn.init.zeros_(proj.bias)
 
 
-class CSUNetHybrid(nn.Module):
+class CSUNetHybrid(TimmUnet):
     """A timm CNN and a timm Swin fused at the Swin's strides (4 or 8 to 32) into smp's U-Net decoder, out at stride 1.
 
+    A `TimmUnet` (built first, by the same code: same attribute names, same weights from the same seed)
+    with a Swin branch added into its CNN features.
+
     Args:
-        num_classes: output channels.
-        in_chans: input channels (both encoders get them).
-        img_size: training crop size; fixes which Swin stages use shifted windows.
-        patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias, drop_path_rate,
-            proj_drop_rate, attn_drop_rate: the Swin encoder (timm `SwinTransformer` arguments).
-        swin_name: timm Swin entry point (its architecture arguments are all overridden).
-        cnn_name: timm CNN with features at strides 4, 8, 16, 32 (and optionally 2).
-        cnn_kwargs: extra `timm.create_model` arguments for the CNN.
-        decoder_channels: five decoder widths, deepest first (smp's `decoder_channels`).
-        decoder_use_norm, decoder_attention_type, decoder_interpolation: as in smp (and `TimmUnet`).
+        num_classes, in_chans, img_size, cnn_name, cnn_kwargs, decoder_channels, decoder_use_norm,
+            decoder_attention_type, decoder_interpolation, pad_mode: as `TimmUnet` (the decoder is U-Net's);
+            `img_size` also fixes which Swin stages use shifted windows.
         input_skip: give the last decoder stage a skip from the input (zero-initialised).
-        pad_mode: "constant" (zeros), "reflect" or "replicate", for inputs that need padding.
+        **swin: the Swin encoder, `SwinSpec` fields (patch_size, embed_dim, depths, num_heads, window_size,
+            mlp_ratio, qkv_bias, drop_path_rate, proj_drop_rate, attn_drop_rate, swin_name).
     """
 
-    def __init__(
-        self,
-        num_classes: int = 3,
-        in_chans: int = 1,
-        img_size: int = 256,
-        patch_size: int = 4,
-        embed_dim: int = 48,
-        depths: Sequence[int] = (2, 2, 2, 2),
-        num_heads: Sequence[int] = (2, 4, 8, 16),
-        window_size: int = 8,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_path_rate: float = 0.1,
-        proj_drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        swin_name: str = "swin_tiny_patch4_window7_224",
-        cnn_name: str = "resnet18",
-        cnn_kwargs: dict[str, Any] | None = None,
-        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
-        decoder_use_norm: bool | str | dict[str, Any] = "batchnorm",
-        decoder_attention_type: str | None = None,
-        decoder_interpolation: str = "nearest",
-        input_skip: bool = True,
-        pad_mode: str = "constant",
-    ):
-        super().__init__()
-        _validate(
-            num_classes, in_chans, img_size, patch_size, embed_dim, depths, num_heads, window_size, pad_mode, None
-        )
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.pad_mode = pad_mode
-        self.config: dict[str, Any] = {}  # filled by the registered entry point
-
-        # The U-Net part, built by the same function as TimmUnet's (same attribute names and init).
-        self.cnn, self.decoder, self.segmentation_head = unet_parts(
-            cnn_name, in_chans, num_classes, cnn_kwargs=cnn_kwargs, decoder_channels=decoder_channels,
-            use_norm=decoder_use_norm, attention_type=decoder_attention_type, interpolation=decoder_interpolation)
+    def __init__(self, num_classes: int = 3, in_chans: int = 1, img_size: int = 256, cnn_name: str = "resnet18",
+                 input_skip: bool = True, **kwargs: Any):
+        spec = SwinSpec.pop_from(kwargs)
+        if kwargs.setdefault("decoder", "unet") != "unet":
+            raise ValueError(f"CSUNetHybrid's decoder is U-Net's ('unet'), got {kwargs['decoder']!r}")
+        super().__init__(num_classes, in_chans, img_size, cnn_name, **kwargs)
         self.pad_multiple = _CNN_STRIDES[-1]
 
         # The Swin branch and its zero-initialised entries into the CNN features.
-        self._swin_spec = {
-            "timm_name": swin_name,
-            "timm_kwargs": dict(
-                num_classes=0, in_chans=in_chans, img_size=img_size, patch_size=patch_size,
-                embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads),
-                window_size=window_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate,
-                attn_drop_rate=attn_drop_rate, strict_img_size=False,
-            ),
-        }
-        self.swin: SwinTransformer = timm.create_model(swin_name, pretrained=False, **self._swin_spec["timm_kwargs"])
+        self._swin_spec = spec.timm_spec(in_chans, img_size)
+        self.swin: SwinTransformer = create_swin(self._swin_spec)
         swin_dims = [int(info["num_chs"]) for info in self.swin.feature_info]
         swin_strides = [int(info["reduction"]) for info in self.swin.feature_info]
         by_stride = dict(zip(self.cnn.strides, self.cnn.channels))
@@ -203,7 +158,8 @@ class CSUNetHybrid(nn.Module):
         self.swin_pad_multiple = _swin_pad_multiple(self.swin, swin_strides)
 
         self.input_skip = (
-            InputSkip(in_chans, decoder_channels[-1], decoder_channels[-2], decoder_use_norm) if input_skip else None
+            InputSkip(in_chans, self.decoder_channels[-1], self.decoder_channels[-2], self.decoder_use_norm)
+            if input_skip else None
         )
 
     @property
@@ -306,46 +262,19 @@ def _pad_traceable(x: torch.Tensor, multiple: int, mode: str) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
-def _create_cs_unet_hybrid(variant: str, **kwargs: Any) -> CSUNetHybrid:
-    model = CSUNetHybrid(**kwargs)
-    model.config = to_config({"name": variant, **kwargs})
-    _logger.debug(
-        "built %s: %.2f M parameters, pad multiple %d (Swin %d)", variant,
-        sum(p.numel() for p in model.parameters()) / 1e6, model.pad_multiple, model.swin_pad_multiple,
-    )
-    return model
-
-
 # Swin presets as cs_unet's, except lite (from stride 8, see the module docstring); decoders as
 # unet / unet_lite / unet_test.
-_TEST_DECODER = (32, 16, 16, 8, 8)
-_SWIN_LITE_S8 = dict(_SWIN_LITE, patch_size=8, embed_dim=96, depths=(2, 2, 2), num_heads=(4, 8, 16))
+_SWIN_LITE_S8 = dict(SWIN_LITE, patch_size=8, embed_dim=96, depths=(2, 2, 2), num_heads=(4, 8, 16))
 
 
-@register_model
-def cs_unet_hybrid(**kwargs: Any) -> CSUNetHybrid:
-    """CS-UNet hybrid, paper-size encoders (Swin-T 2-2-6-2, window 8, 512; ResNet-50), U-Net decoder."""
-    return _create_cs_unet_hybrid("cs_unet_hybrid", **{**_SWIN_ORIGINAL, "cnn_name": "resnet50", **kwargs})
-
-
-@register_model
-def cs_unet_hybrid_intermediate(**kwargs: Any) -> CSUNetHybrid:
-    """CS-UNet hybrid with the paper's "intermediate" Swin (depths 2-2-2-2) and ResNet-50."""
-    return _create_cs_unet_hybrid(
-        "cs_unet_hybrid_intermediate", **{**_SWIN_INTERMEDIATE, "cnn_name": "resnet50", **kwargs}
-    )
-
-
-@register_model
-def cs_unet_hybrid_lite(**kwargs: Any) -> CSUNetHybrid:
-    """CS-UNet hybrid for CPU / small GPUs: Swin from stride 8 (96-192-384, 256) + ResNet-18, unet_lite's decoder."""
-    return _create_cs_unet_hybrid("cs_unet_hybrid_lite", **{**_SWIN_LITE_S8, "cnn_name": "resnet18", **kwargs})
-
-
-@register_model
-def cs_unet_hybrid_test(**kwargs: Any) -> CSUNetHybrid:
-    """Tiny CS-UNet hybrid for tests: cs_unet_test's encoders, unet_test's decoder."""
-    return _create_cs_unet_hybrid(
-        "cs_unet_hybrid_test",
-        **{**_SWIN_TEST, "cnn_name": "test_resnet", "decoder_channels": _TEST_DECODER, **kwargs},
-    )
+for _name, _defaults, _doc in [
+    ("cs_unet_hybrid", dict(SWIN_ORIGINAL, cnn_name="resnet50"),
+     "CS-UNet hybrid, paper-size encoders (Swin-T 2-2-6-2, window 8, 512; ResNet-50), U-Net decoder."),
+    ("cs_unet_hybrid_intermediate", dict(SWIN_INTERMEDIATE, cnn_name="resnet50"),
+     "CS-UNet hybrid with the paper's \"intermediate\" Swin (depths 2-2-2-2) and ResNet-50."),
+    ("cs_unet_hybrid_lite", dict(_SWIN_LITE_S8, cnn_name="resnet18"),
+     "CS-UNet hybrid for CPU / small GPUs: Swin from stride 8 (96-192-384, 256) + ResNet-18, unet_lite's decoder."),
+    ("cs_unet_hybrid_test", dict(SWIN_TEST, cnn_name="test_resnet", decoder_channels=_TEST_DECODER),
+     "Tiny CS-UNet hybrid for tests: cs_unet_test's encoders, unet_test's decoder."),
+]:
+    register_variant(_name, CSUNetHybrid, _defaults, _doc)

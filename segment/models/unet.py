@@ -9,7 +9,6 @@ as smp does for such encoders.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import torch
@@ -20,12 +19,10 @@ from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from segmentation_models_pytorch.decoders.unetplusplus.decoder import UnetPlusPlusDecoder
 
 from ._cnn import TimmCNNEncoder
-from ._layers import PAD_MODES, check_input, pad_to_multiple, to_config
-from ._registry import register_model
+from ._layers import check_input, check_model_args, pad_to_multiple
+from ._registry import register_variant
 
 __all__ = ["TimmUnet", "build_decoder"]
-
-_logger = logging.getLogger(__name__)
 
 _DECODERS = {"unet": UnetDecoder, "unetplusplus": UnetPlusPlusDecoder}
 _STRIDES = (2, 4, 8, 16, 32)
@@ -95,16 +92,14 @@ class TimmUnet(nn.Module):
         pad_mode: str = "constant",
     ):
         super().__init__()
-        for name, value in dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size).items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_model_args(num_classes, in_chans, img_size, pad_mode)
         if decoder not in _DECODERS:
             raise ValueError(f"decoder must be one of {sorted(_DECODERS)}, got {decoder!r}")
-        if pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.pad_mode = pad_mode
+        self.decoder_channels = tuple(decoder_channels)
+        self.decoder_use_norm = decoder_use_norm
         self.config: dict[str, Any] = {}  # filled by the registered entry point
         self.cnn, self.decoder, self.segmentation_head = unet_parts(
             cnn_name, in_chans, num_classes, cnn_kwargs=cnn_kwargs, decoder=decoder, decoder_channels=decoder_channels,
@@ -135,52 +130,17 @@ class TimmUnet(nn.Module):
         self.cnn.model.set_grad_checkpointing(enable)
 
 
-def _create_unet(variant: str, **kwargs: Any) -> TimmUnet:
-    model = TimmUnet(**kwargs)
-    model.config = to_config({"name": variant, **kwargs})
-    _logger.debug("built %s: %.2f M parameters", variant, sum(p.numel() for p in model.parameters()) / 1e6)
-    return model
-
-
 _TEST_DECODER = (32, 16, 16, 8, 8)
-
-
-@register_model
-def unet(**kwargs: Any) -> TimmUnet:
-    """U-Net (smp decoder 256..16) on timm ResNet-50."""
-    return _create_unet("unet", **{"cnn_name": "resnet50", "decoder": "unet", **kwargs})
-
-
-@register_model
-def unet_lite(**kwargs: Any) -> TimmUnet:
-    """U-Net on timm ResNet-18."""
-    return _create_unet("unet_lite", **{"cnn_name": "resnet18", "decoder": "unet", **kwargs})
-
-
-@register_model
-def unet_test(**kwargs: Any) -> TimmUnet:
-    """Tiny U-Net for tests (timm `test_resnet`, narrow decoder)."""
-    return _create_unet(
-        "unet_test", **{"cnn_name": "test_resnet", "decoder": "unet", "decoder_channels": _TEST_DECODER, **kwargs}
-    )
-
-
-@register_model
-def unetplusplus(**kwargs: Any) -> TimmUnet:
-    """U-Net++ (smp decoder 256..16) on timm ResNet-50."""
-    return _create_unet("unetplusplus", **{"cnn_name": "resnet50", "decoder": "unetplusplus", **kwargs})
-
-
-@register_model
-def unetplusplus_lite(**kwargs: Any) -> TimmUnet:
-    """U-Net++ on timm ResNet-18."""
-    return _create_unet("unetplusplus_lite", **{"cnn_name": "resnet18", "decoder": "unetplusplus", **kwargs})
-
-
-@register_model
-def unetplusplus_test(**kwargs: Any) -> TimmUnet:
-    """Tiny U-Net++ for tests (timm `test_resnet`, narrow decoder)."""
-    return _create_unet(
-        "unetplusplus_test",
-        **{"cnn_name": "test_resnet", "decoder": "unetplusplus", "decoder_channels": _TEST_DECODER, **kwargs},
-    )
+_VARIANTS = {
+    "unet": (dict(cnn_name="resnet50", decoder="unet"), "U-Net (smp decoder 256..16) on timm ResNet-50."),
+    "unet_lite": (dict(cnn_name="resnet18", decoder="unet"), "U-Net on timm ResNet-18."),
+    "unet_test": (dict(cnn_name="test_resnet", decoder="unet", decoder_channels=_TEST_DECODER),
+                  "Tiny U-Net for tests (timm `test_resnet`, narrow decoder)."),
+    "unetplusplus": (dict(cnn_name="resnet50", decoder="unetplusplus"),
+                     "U-Net++ (smp decoder 256..16) on timm ResNet-50."),
+    "unetplusplus_lite": (dict(cnn_name="resnet18", decoder="unetplusplus"), "U-Net++ on timm ResNet-18."),
+    "unetplusplus_test": (dict(cnn_name="test_resnet", decoder="unetplusplus", decoder_channels=_TEST_DECODER),
+                          "Tiny U-Net++ for tests (timm `test_resnet`, narrow decoder)."),
+}
+for _name, (_defaults, _doc) in _VARIANTS.items():
+    register_variant(_name, TimmUnet, _defaults, _doc)
