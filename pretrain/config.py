@@ -201,6 +201,8 @@ class DistributedConfig:
 
 @dataclass
 class PretrainConfig:
+    """A whole pretraining run (configs/pretrain.yaml and its groups), checked by Hydra at start-up."""
+
     method: MethodConfig = field(default_factory=MethodConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)

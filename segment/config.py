@@ -140,6 +140,8 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
+    """A whole fine-tuning run (configs/finetune.yaml and its groups), checked by Hydra at start-up."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

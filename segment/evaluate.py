@@ -36,7 +36,7 @@ from pretrain.intensity import check_not_constant
 from pretrain.io import ImageContentError, ImageReadError, read_micrograph, read_raw
 from pretrain.outputs import atomic_write_text, markdown_table, write_csv
 from segment.class_maps import ClassMap, MaskError, get_class_map
-from segment.infer import Predictor, add_inference_args, inference_kwargs
+from segment.infer import Predictor, add_display_args, add_inference_args, inference_kwargs
 from segment.metrics import aggregate, confusion_matrix, summarize
 from segment.overlay import save_panel
 from segment.pairs import find_pairs
@@ -341,8 +341,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["auto", "nasa", "plain"], default="auto",
                    help="folder layout of the sets (see segment.pairs.find_pairs)")
     p.add_argument("--max-overlays", type=int, default=8, help="overlay figures per set")
-    p.add_argument("--no-overlays", action="store_true", help="write no figures")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_display_args(p)
     p.add_argument("--allow-failures", action="store_true",
                    help="exit 0 even if some images could not be scored (they are still listed in "
                         "failures.csv and summary.md)")

@@ -277,6 +277,12 @@ def add_inference_args(group: argparse._ActionsContainer) -> None:
     group.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype on the device")
 
 
+def add_display_args(group: argparse._ActionsContainer) -> None:
+    """The output switches ``segment.evaluate`` and ``segment.predict`` share, defined once."""
+    group.add_argument("--no-overlays", action="store_true", help="write no overlay figures")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def inference_kwargs(args: argparse.Namespace, *, cpu_only: bool = False) -> dict[str, Any]:
     """:meth:`Predictor.from_checkpoint` settings from :func:`add_inference_args`' options."""
     device = args.device or ("cuda" if torch.cuda.is_available() and not cpu_only else "cpu")

@@ -63,7 +63,7 @@ from pretrain.cli_checks import writable_dir
 from segment.batch import expand_inputs, predict_paths
 from segment.checkpoint import resolve_checkpoint
 from segment.class_maps import get_class_map
-from segment.infer import Predictor, add_inference_args, inference_kwargs
+from segment.infer import Predictor, add_display_args, add_inference_args, inference_kwargs
 from segment.onnx_backend import BACKENDS, onnx_predictor
 from segment.ood import META_FILE as OOD_META_FILE
 from segment.ood import OODSummary
@@ -156,8 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--mask-format", choices=["auto", "png", "tif"], default="auto",
                    help=f"mask file format (auto: PNG up to {PNG_MAX_SIDE} px on the longest side, else TIFF)")
     o.add_argument("--overlay-max-side", type=int, default=2048, help="longest side of overlay PNGs")
-    o.add_argument("--no-overlays", action="store_true", help="write no overlay PNGs")
-    o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_display_args(o)
     o.add_argument("--overwrite", action="store_true",
                    help="redo every image (default: skip the images an earlier run on --out completed with "
                         "the same model and settings, so that an interrupted run resumes)")
