@@ -142,11 +142,11 @@ class TrainConfig:
 class FinetuneConfig:
     """A whole fine-tuning run (configs/finetune.yaml and its groups), checked by Hydra at start-up."""
 
+    out: str = MISSING  # the run folder; rerunning with the same folder resumes
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    out: str = MISSING  # the run folder; rerunning with the same folder resumes
     resume: bool = True
     evaluate: bool = True  # evaluate the best checkpoint on the test sets at the end
     overlays: int = 4  # validation/test overlay figures in the report

@@ -48,21 +48,10 @@ class DINO(SSLMethod):
         "teacher_temp_start": 0.04, "teacher_temp": 0.07,
     })
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        spec: Mapping[str, Any],
-        *,
-        out_dim: int = 4096,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        batch_norm_head: bool = False,
-        norm_last_layer: bool = True,
-        num_global_views: int = 2,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        teacher_temp: float = 0.04,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, spec: Mapping[str, Any], *, out_dim: int = 4096, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, batch_norm_head: bool = False, norm_last_layer: bool = True,
+                 num_global_views: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 teacher_temp: float = 0.04) -> None:
         super().__init__(encoder, spec)
         if num_global_views < 2:
             raise ValueError(f"DINO needs at least 2 global views, got num_global_views={num_global_views}")

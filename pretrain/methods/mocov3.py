@@ -36,16 +36,8 @@ class MoCoV3(SSLMethod):
     teacher_heads = ("projection",)
     schedule_defaults = MappingProxyType({"momentum": 0.99, "momentum_end": 1.0, "weight_decay": 0.1, "weight_decay_end": 0.1})
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        spec: Mapping[str, Any],
-        *,
-        hidden_dim: int = 4096,
-        out_dim: int = 256,
-        num_proj_layers: int = 3,
-        temperature: float = 0.2,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, spec: Mapping[str, Any], *, hidden_dim: int = 4096, out_dim: int = 256,
+                 num_proj_layers: int = 3, temperature: float = 0.2) -> None:
         super().__init__(encoder, spec)
         self.hidden_dim, self.out_dim, self.num_proj_layers = hidden_dim, out_dim, num_proj_layers
         self._build(encoder)

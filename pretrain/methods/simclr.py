@@ -31,16 +31,8 @@ class SimCLR(SSLMethod):
     name = "simclr"
     schedule_defaults = MappingProxyType({"weight_decay": 1e-6, "weight_decay_end": 1e-6})
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        spec: Mapping[str, Any],
-        *,
-        hidden_dim: int = 2048,
-        out_dim: int = 128,
-        num_layers: int = 2,
-        temperature: float = 0.2,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, spec: Mapping[str, Any], *, hidden_dim: int = 2048, out_dim: int = 128,
+                 num_layers: int = 2, temperature: float = 0.2) -> None:
         super().__init__(encoder, spec)
         self.hidden_dim, self.out_dim, self.num_layers = hidden_dim, out_dim, num_layers
         self._build(encoder)

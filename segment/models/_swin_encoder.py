@@ -23,17 +23,17 @@ class SwinSpec:
     regularisation.
     """
 
+    swin_name: str = "swin_tiny_patch4_window7_224"
     patch_size: int = 4
     embed_dim: int = 96
+    window_size: int = 8
     depths: Sequence[int] = (2, 2, 6, 2)
     num_heads: Sequence[int] = (3, 6, 12, 24)
-    window_size: int = 8
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_path_rate: float = 0.2
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
-    swin_name: str = "swin_tiny_patch4_window7_224"
 
     def __post_init__(self) -> None:
         """Clear errors for arguments timm would reject late or obscurely."""
