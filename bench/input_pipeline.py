@@ -225,12 +225,18 @@ def images_per_s(loader, warmup: int, batches: int, n_views: int, augment=None) 
 # --- main --------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=512, help="synthetic 8-bit micrographs (half per material)")
-    parser.add_argument("--n16", type=int, default=64, help="synthetic 16-bit TIFFs")
+def add_corpus_args(parser: argparse.ArgumentParser, n: int, n16: int) -> None:
+    """The options of :func:`build_corpus`, for this script and its siblings (``--corpus`` is each one's own)."""
+    parser.add_argument("--n", type=int, default=n, help="synthetic 8-bit micrographs (half per material)")
+    parser.add_argument("--n16", type=int, default=n16, help="synthetic 16-bit TIFFs")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--no-real", action="store_true", help="leave out the real NASA/melt-pool images")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_corpus_args(parser, n=512, n16=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=6, help="timed batches of 32 per measurement")
@@ -239,7 +245,6 @@ def main() -> None:
     parser.add_argument("--views", choices=["two", "multicrop"], default="two")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of the main process, both sides (0: torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-device-augment", dest="device_augment", action="store_false",
                         help="ours applies every augmentation per image in the workers (data.device_augment=false)")
     parser.add_argument("--passthrough", action="store_true", help="write our shards with --passthrough")

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from input_pipeline import build_corpus, machine_line  # noqa: E402  (sibling script)
+from input_pipeline import add_corpus_args, build_corpus, machine_line  # noqa: E402  (sibling script)
 
 
 def run_ours(images: Path, out: Path, workers: int, maxcount: int, passthrough: bool = False,
@@ -102,14 +102,10 @@ def run_tar(images: Path, out: Path) -> tuple[float, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=128, help="synthetic 8-bit micrographs (half per material)")
-    parser.add_argument("--n16", type=int, default=32, help="synthetic 16-bit TIFFs")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--no-real", action="store_true", help="leave out the real NASA/melt-pool images")
+    add_corpus_args(parser, n=128, n16=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="write_shards processes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--maxcount", type=int, default=64, help="samples per shard (enough shards for the pool)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, help="build/reuse the image folder here (kept)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here (e.g. bench/results/)")
     parser.add_argument("--passthrough-workers", type=int, nargs="*", default=[1],
