@@ -225,6 +225,15 @@ def images_per_s(loader, warmup: int, batches: int, n_views: int, augment=None) 
 # --- main --------------------------------------------------------------------------------------
 
 
+def report(header: str, table: str, args: argparse.Namespace, **results: object) -> None:
+    """Print the header and the table; with ``--out``, also write them, ``results`` and the arguments as JSON."""
+    print(f"\n{header}\n\n{table}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"header": header, "table": table, **results,
+                                        "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+
+
 def add_corpus_args(parser: argparse.ArgumentParser, n: int, n16: int) -> None:
     """The options of :func:`build_corpus`, for this script and its siblings (``--corpus`` is each one's own)."""
     parser.add_argument("--n", type=int, default=n, help="synthetic 8-bit micrographs (half per material)")
@@ -317,14 +326,7 @@ def main() -> None:
               f"{torch.get_num_threads()}; corpus {info['files']} files "
               f"{info['counts']}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
               f"{machine_line()}")
-    print()
-    print(header)
-    print()
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"header": header, "table": table, "runs": runs, "args": {
-            k: str(v) for k, v in vars(args).items()}}, indent=1))
+    report(header, table, args, runs=runs)
 
 
 if __name__ == "__main__":

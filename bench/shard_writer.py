@@ -28,7 +28,6 @@ encoded size. It is how the writer's level (1) was chosen.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from input_pipeline import add_corpus_args, build_corpus, machine_line  # noqa: E402  (sibling script)
+from input_pipeline import add_corpus_args, build_corpus, machine_line, report  # noqa: E402  (sibling script)
 
 
 def run_ours(images: Path, out: Path, workers: int, maxcount: int, passthrough: bool = False,
@@ -166,14 +165,7 @@ def main() -> None:
     table = "\n".join(lines)
     header = (f"Shard writing, {info['files']} files {info['counts']}, {mb:.1f} MB input, maxcount "
               f"{args.maxcount}, median of {args.repeats}; {machine_line()}")
-    print()
-    print(header)
-    print()
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"header": header, "table": table, "runs": runs, "sizes": sizes,
-                                        "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+    report(header, table, args, runs=runs, sizes=sizes)
 
 
 if __name__ == "__main__":
