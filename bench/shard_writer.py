@@ -102,7 +102,7 @@ def run_tar(images: Path, out: Path) -> tuple[float, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_corpus_args(parser, n=128, n16=32)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="write_shards processes")
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="write_shards processes (none: leave the re-encoding writer out)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--maxcount", type=int, default=64, help="samples per shard (enough shards for the pool)")
     parser.add_argument("--corpus", type=Path, help="build/reuse the image folder here (kept)")

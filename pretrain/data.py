@@ -25,7 +25,7 @@ Facts of webdataset 1.0.2 this module is built around (read from its source):
   since its previous sample; :attr:`Batch.skipped` is their sum (failures still riding on samples
   in a shuffle buffer when an epoch ends are not reported).
 * No built-in decoder keeps 16 bits: decoding and the per-frame intensity mapping are
-  :mod:`pretrain.samples` (:func:`pretrain.samples.decode_image`, :func:`pretrain.samples.normalize_intensity`).
+  :mod:`pretrain.samples` (:func:`pretrain.io.decode_image`, :func:`pretrain.samples.normalize_intensity`).
 
 Do **not** pass the loader to ``accelerator.prepare``: with default settings only rank 0 would read
 and broadcast, or (dispatch off) each rank would drop (N-1)/N of its stream. Iterate it on every

@@ -9,6 +9,7 @@ written atomically is :mod:`pretrain.outputs`. Every failure is an :class:`Image
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from pretrain.outputs import atomic_path
 from pretrain.pixel_size import tiff_pixel_size_nm
 
 __all__ = [
+    "decode_image",
     "IMAGE_SUFFIXES",
     "PathLike",
     "ImageContentError",
@@ -347,3 +349,36 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 def _warn(path: Path, message: str) -> None:
     warnings.warn(f"{path}: {message}", MicrographWarning, stacklevel=2)
+
+
+def decode_image(data: bytes, extension: str) -> np.ndarray:
+    """Encoded image bytes -> ``H x W`` array in the stored dtype (uint8, uint16, float32, ...).
+
+    PNG/JPEG through Pillow (16-bit gray stays uint16), TIFF through tifffile (first page).
+    Colour is reduced to gray: equal channels collapse, others take BT.601 luminance.
+    """
+    ext = extension.lower().lstrip(".")
+    if ext in ("tif", "tiff"):
+        array = tifffile.imread(io.BytesIO(data), key=0)
+    elif ext in ("png", "jpg", "jpeg"):
+        with Image.open(io.BytesIO(data)) as img:
+            if img.mode in ("I;16", "I;16B", "I;16L", "L", "I", "F"):
+                array = np.asarray(img)
+                if img.mode == "I" and array.size and array.min() >= 0 and array.max() <= 65535:
+                    array = array.astype(np.uint16)
+            else:
+                array = np.asarray(img.convert("L"))
+    else:
+        raise ValueError(f"not an image extension: {extension!r}")
+    array = np.squeeze(array)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        rgb = array[..., :3]
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+            array = rgb[..., 0]
+        else:
+            array = (rgb @ np.array([0.299, 0.587, 0.114])).astype(rgb.dtype)
+    if array.ndim != 2 or array.size == 0:
+        raise ValueError(f"decoded image has unsupported shape {array.shape}")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array

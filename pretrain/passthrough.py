@@ -10,7 +10,7 @@ one gray sample of 8 or 16 bits, a 2-D shape, black-is-zero photometry; anything
 with equal channels, palette, float, multi-page, inverted) takes the normal decode + re-encode path,
 which collapses, converts and checks it, and stores it as a lossless zstd TIFF (``shard_write.encode_image(fast=True)``;
 about 25x faster to write than PNG). Every ``check_every``-th file (by input index; 1 = all) is
-also decoded twice, as the writer would read it and as the loader will (``pretrain.samples.decode_image``
+also decoded twice, as the writer would read it and as the loader will (``pretrain.io.decode_image``
 on the copied bytes), and the two must be equal. Copied files are hashed by their bytes for the
 duplicate report (``bytes:`` prefix; re-encoded ones by their pixels), so among copied files only
 byte-identical copies are reported; leave ``--passthrough`` off for the pixel-level report.
@@ -27,9 +27,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from pretrain.io import ImageReadError, is_tiff, read_micrograph
+from pretrain.io import ImageReadError, decode_image, is_tiff, read_micrograph
 from pretrain.pixel_size import tiff_pixel_size_nm
-from pretrain.samples import decode_image
 
 __all__ = ["PassInfo", "probe", "read_checked"]
 
@@ -83,7 +82,7 @@ def read_checked(path: str | Path, info: PassInfo, *, decode: bool, data: bytes 
     """The file's bytes (``data`` when already read) and their hash (``bytes:`` + 16 hex digits of sha256).
 
     With ``decode``: the writer's reading (:func:`read_micrograph`) and the loader's decoding of
-    the bytes (``pretrain.samples.decode_image``) must agree with each other and with the header,
+    the bytes (``pretrain.io.decode_image``) must agree with each other and with the header,
     or :class:`ImageReadError` says what differs."""
     path = Path(path)
     data = path.read_bytes() if data is None else data

@@ -13,19 +13,17 @@ a tile of it is taken; a constant frame becomes zeros.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import tifffile
 import torch
-from PIL import Image
 from torch import Tensor
 
 from pretrain.intensity import check_finite, intensity_window, scale_intensity
+from pretrain.io import decode_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -51,39 +49,6 @@ def normalize_intensity(image: np.ndarray, intensity: str = "percentile",
 
 
 # --- decoding --------------------------------------------------------------------------------
-
-
-def decode_image(data: bytes, extension: str) -> np.ndarray:
-    """Encoded image bytes -> ``H x W`` array in the stored dtype (uint8, uint16, float32, ...).
-
-    PNG/JPEG through Pillow (16-bit gray stays uint16), TIFF through tifffile (first page).
-    Colour is reduced to gray: equal channels collapse, others take BT.601 luminance.
-    """
-    ext = extension.lower().lstrip(".")
-    if ext in ("tif", "tiff"):
-        array = tifffile.imread(io.BytesIO(data), key=0)
-    elif ext in ("png", "jpg", "jpeg"):
-        with Image.open(io.BytesIO(data)) as img:
-            if img.mode in ("I;16", "I;16B", "I;16L", "L", "I", "F"):
-                array = np.asarray(img)
-                if img.mode == "I" and array.size and array.min() >= 0 and array.max() <= 65535:
-                    array = array.astype(np.uint16)
-            else:
-                array = np.asarray(img.convert("L"))
-    else:
-        raise ValueError(f"not an image extension: {extension!r}")
-    array = np.squeeze(array)
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        rgb = array[..., :3]
-        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
-            array = rgb[..., 0]
-        else:
-            array = (rgb @ np.array([0.299, 0.587, 0.114])).astype(rgb.dtype)
-    if array.ndim != 2 or array.size == 0:
-        raise ValueError(f"decoded image has unsupported shape {array.shape}")
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
-    return array
 
 
 def _decode_field(key: str, data: bytes) -> Any:
