@@ -79,8 +79,9 @@ class MultiViewNet(nn.ModuleDict):
 class SSLMethod(nn.Module):
     """Base class of the pretraining methods (one small subclass per method).
 
-    Subclasses set the class attributes, store their hyperparameters, call ``self._build(encoder)``
-    (which calls ``build_heads``) and implement ``compute``.
+    Subclasses set the class attributes, pass the hyperparameters ``build_heads`` reads to
+    ``__init__`` (stored as attributes before the student and teacher are built) and implement
+    ``compute``.
 
     Class attributes:
         name: registry key.
@@ -100,13 +101,16 @@ class SSLMethod(nn.Module):
     student: MultiViewNet
     teacher: MultiViewNet | None
 
-    def __init__(self, encoder: nn.Module, spec: Mapping[str, Any]) -> None:
+    def __init__(self, encoder: nn.Module, spec: Mapping[str, Any], **head_params: Any) -> None:
         super().__init__()
         if not hasattr(encoder, "num_features"):
             raise ValueError("encoder must expose num_features (build it with pretrain.encoders.build_encoder)")
         self.spec = dict(spec)
         self.num_features = int(encoder.num_features)
         self._runner: list[nn.Module] = []  # a plain list: the wrapped student must not become a submodule
+        for key, value in head_params.items():
+            setattr(self, key, value)
+        self._build(encoder)
 
     # ----------------------------------------------------------------------------- construction
     def build_heads(self) -> dict[str, nn.Module]:

@@ -33,9 +33,7 @@ class BYOL(SSLMethod):
     schedule_defaults = MappingProxyType({"momentum": 0.99, "momentum_end": 1.0, "weight_decay": 1.5e-6, "weight_decay_end": 1.5e-6})
 
     def __init__(self, encoder: nn.Module, spec: Mapping[str, Any], *, hidden_dim: int = 4096, out_dim: int = 256) -> None:
-        super().__init__(encoder, spec)
-        self.hidden_dim, self.out_dim = hidden_dim, out_dim
-        self._build(encoder)
+        super().__init__(encoder, spec, hidden_dim=hidden_dim, out_dim=out_dim)
         self.criterion = NegativeCosineSimilarity()
 
     def build_heads(self) -> dict[str, nn.Module]:

@@ -52,14 +52,11 @@ class DINO(SSLMethod):
                  bottleneck_dim: int = 256, batch_norm_head: bool = False, norm_last_layer: bool = True,
                  num_global_views: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9,
                  teacher_temp: float = 0.04) -> None:
-        super().__init__(encoder, spec)
         if num_global_views < 2:
             raise ValueError(f"DINO needs at least 2 global views, got num_global_views={num_global_views}")
-        self.out_dim, self.hidden_dim, self.bottleneck_dim = out_dim, hidden_dim, bottleneck_dim
-        self.batch_norm_head, self.norm_last_layer = batch_norm_head, norm_last_layer
-        self.num_global_views = num_global_views
-        self.teacher_temp = teacher_temp
-        self._build(encoder)
+        super().__init__(encoder, spec, out_dim=out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
+                         batch_norm_head=batch_norm_head, norm_last_layer=norm_last_layer)
+        self.num_global_views, self.teacher_temp = num_global_views, teacher_temp
         self.criterion = DINOLoss(
             output_dim=out_dim, teacher_temp=teacher_temp, warmup_teacher_temp=teacher_temp,
             student_temp=student_temp, center_momentum=center_momentum,

@@ -38,9 +38,7 @@ class MoCoV3(SSLMethod):
 
     def __init__(self, encoder: nn.Module, spec: Mapping[str, Any], *, hidden_dim: int = 4096, out_dim: int = 256,
                  num_proj_layers: int = 3, temperature: float = 0.2) -> None:
-        super().__init__(encoder, spec)
-        self.hidden_dim, self.out_dim, self.num_proj_layers = hidden_dim, out_dim, num_proj_layers
-        self._build(encoder)
+        super().__init__(encoder, spec, hidden_dim=hidden_dim, out_dim=out_dim, num_proj_layers=num_proj_layers)
         self.criterion = NTXentLoss(temperature=temperature, memory_bank_size=0, gather_distributed=True)
 
     def build_heads(self) -> dict[str, nn.Module]:

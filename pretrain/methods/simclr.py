@@ -33,9 +33,7 @@ class SimCLR(SSLMethod):
 
     def __init__(self, encoder: nn.Module, spec: Mapping[str, Any], *, hidden_dim: int = 2048, out_dim: int = 128,
                  num_layers: int = 2, temperature: float = 0.2) -> None:
-        super().__init__(encoder, spec)
-        self.hidden_dim, self.out_dim, self.num_layers = hidden_dim, out_dim, num_layers
-        self._build(encoder)
+        super().__init__(encoder, spec, hidden_dim=hidden_dim, out_dim=out_dim, num_layers=num_layers)
         self.criterion = NTXentLoss(temperature=temperature, memory_bank_size=0, gather_distributed=True)
 
     def build_heads(self) -> dict[str, nn.Module]:

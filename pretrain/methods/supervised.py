@@ -38,11 +38,10 @@ class Supervised(SSLMethod):
     def __init__(
         self, encoder: nn.Module, spec: Mapping[str, Any], *, num_classes: int | None = None, label_smoothing: float = 0.0
     ) -> None:
-        super().__init__(encoder, spec)
         if num_classes is None or num_classes < 2:
             raise ValueError(f"supervised pretraining needs num_classes >= 2, got {num_classes}")
-        self.num_classes, self.label_smoothing = int(num_classes), label_smoothing
-        self._build(encoder)
+        super().__init__(encoder, spec, num_classes=int(num_classes))
+        self.label_smoothing = label_smoothing
 
     def build_heads(self) -> dict[str, nn.Module]:
         return {"classifier": nn.Linear(self.num_features, self.num_classes)}
