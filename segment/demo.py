@@ -36,7 +36,6 @@ FINETUNE = [
     "train.epochs=12",
     "train.batch_size=8",
     "train.max_minutes=3.5",
-    "optim.lr=1e-3",
 ]
 
 
