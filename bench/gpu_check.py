@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,12 +42,12 @@ def sizes(dry: bool) -> dict:
                     head=["method.options.out_dim=64", "method.options.hidden_dim=32",
                           "method.options.bottleneck_dim=16"],
                     seg_model="cs_unet_test", seg_encoder="tu-resnet18", seg_size=64, seg_batch=2,
-                    predict_size=256, tile=64, predict_batch=4, repeats=2)
+                    predict_size=256, tile=64, predict_batch=4, repeats=2, run_timeout=600)
     workers = max(1, min(8, (os.cpu_count() or 2) // max(1, torch.cuda.device_count()) - 1))
     return dict(encoder="swin_t", global_size=224, local_size=96, n_local=6, batch=64, steps=30, log_every=5,
                 workers=workers, n_per_kind=512, image=256, shard=16, knn=["knn.every=0"], head=[],
                 seg_model="cs_unet_lite", seg_encoder="tu-resnet18", seg_size=512, seg_batch=8,
-                predict_size=4096, tile=512, predict_batch=8, repeats=5)
+                predict_size=4096, tile=512, predict_batch=8, repeats=5, run_timeout=140)
 
 
 # --------------------------------------------------------------------------------- pretraining
@@ -54,6 +55,7 @@ def pretrain_run(name: str, extra: list[str], s: dict, out: Path, gpus: int, cor
     """One ``pretrain/main.py`` run; images/s (median of the logged windows after the first), peak GiB,
     mean data-wait fraction, final loss, wall time."""
     run = out / f"pretrain_{name}"
+    shutil.rmtree(run, ignore_errors=True)  # a fresh run each time, never a resume of an old one
     overrides = [
         f"out={run}", f"pretrain/encoder={s['encoder']}", f"data.views.global_size={s['global_size']}",
         f"data.views.local_size={s['local_size']}", f"data.views.n_local={s['n_local']}",
@@ -71,13 +73,20 @@ def pretrain_run(name: str, extra: list[str], s: dict, out: Path, gpus: int, cor
                "pretrain/main.py", *overrides]
     else:
         cmd = [sys.executable, "pretrain/main.py", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the repo first, then whatever the caller had on PYTHONPATH (packages carried to a bare machine)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=s["run_timeout"])
+        text, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:  # a hang (e.g. ranks out of step under ZeRO-3) must not eat the check
+        text = "".join(b.decode(errors="replace") if isinstance(b, bytes) else (b or "") for b in (e.stdout, e.stderr))
+        text, code = text + f"\nTIMEOUT after {s['run_timeout']} s", -1
     wall = time.perf_counter() - t0
-    (out / f"pretrain_{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {"name": name, "error": (proc.stdout + proc.stderr)[-1500:], "wall_s": wall}
+    (out / f"pretrain_{name}.log").write_text(text)
+    print(f"[gpu_check] pretrain {name}: rc {code}, {wall:.0f} s", flush=True)
+    if code != 0:
+        return {"name": name, "error": text[-1500:], "wall_s": wall}
     with (run / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("images_per_s")]
     later = rows[1:] or rows
@@ -177,6 +186,15 @@ def predict_rates(s: dict, device: torch.device, amp: torch.dtype | None) -> dic
 
 
 # ----------------------------------------------------------------------------------------- main
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models, same code paths")
@@ -206,11 +224,23 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(pretrain_run("zero2", ["distributed.deepspeed=zero2"], s, args.out, gpus, corpus))
     if gpus > 1:
         rows.append(pretrain_run("zero3", ["distributed.deepspeed=zero3"], s, args.out, gpus, corpus))
+    if not dry:  # ZeRO-3 + SimCLR + the k-NN probe: the gathered-forward path on CUDA (a hang needs > 1 GPU)
         rows.append(pretrain_run("zero3_simclr", ["distributed.deepspeed=zero3", "pretrain/method=simclr",
                                                   "method.options={}", "knn.every=10", "data.views.n_local=0"],
                                  s, args.out, gpus, corpus))
-    steps = finetune_steps(s, device, amp)
-    rates = predict_rates(s, device, amp)
+    steps, rates, errors = {}, {}, {}
+    for key, fn in (("finetune", finetune_steps), ("predict", predict_rates)):
+        t0 = time.perf_counter()
+        try:
+            result = fn(s, device, amp)
+        except Exception as e:  # noqa: BLE001 - one failed item must not hide the others' numbers
+            import traceback
+
+            errors[key] = traceback.format_exc()[-1500:]
+            print(f"[gpu_check] {key} FAILED: {e!r}", flush=True)
+            continue
+        (steps if key == "finetune" else rates).update(result)
+        print(f"[gpu_check] {key}: {time.perf_counter() - t0:.0f} s", flush=True)
 
     what = "tiny swin_test 32 px" if dry else "DINO Swin-T 224 px (2x224 + 6x96 crops)"
     lines = [
@@ -220,29 +250,38 @@ def main(argv: list[str] | None = None) -> int:
         f"| card | {card} |",
         f"| torch / CUDA / cuDNN | {torch.__version__} / {torch.version.cuda} / {torch.backends.cudnn.version()} |",
         f"| precision=auto | {why} |",
+        f"| Python / timm / DeepSpeed / accelerate | {platform.python_version()} / {_version('timm')} / "
+        f"{_version('deepspeed')} / {_version('accelerate')} |",
     ]
     for r in rows:
-        label = f"{what}, {r['name']}, batch {s['batch']}/GPU x {gpus}"
+        kind = what.replace("DINO", "SimCLR").split(" (")[0] + " (2 views)" if "simclr" in r["name"] else what
+        label = f"{kind}, {r['name']}, batch {s['batch']}/GPU x {gpus}"
         if "error" in r:
             lines.append(f"| {label} | FAILED (log: pretrain_{r['name']}.log) |")
             continue
         mem = f"{r['peak_gb']:.1f} GiB peak" if r["peak_gb"] is not None else "peak n/a (CPU)"
         lines.append(f"| {label} | {r['images_per_s']:.1f} img/s, {mem}, data wait {r['data_wait']:.2f}, "
                      f"loss {r['loss']:.3f} after {r['steps']} steps |")
-    (ours_name, ours_t), (peer_name, peer_t) = steps.items()
-    lines.append(f"| fine-tune step, {ours_name} vs {peer_name}, {s['seg_batch']} x {s['seg_size']}² | "
-                 f"{ours_t * 1000:.0f} ms vs {peer_t * 1000:.0f} ms (ours/peer {ours_t / peer_t:.2f}) |")
-    (a, ra), (b, rb) = rates.items()
-    lines.append(f"| predict {s['predict_size']}², tile {s['tile']}, overlap 0.5, {s['seg_model']} | "
-                 f"{a} {ra / 1e6:.2f} Mpx/s vs {b} {rb / 1e6:.2f} Mpx/s (ours/peer {ra / rb:.2f}) |")
+    if steps:
+        (ours_name, ours_t), (peer_name, peer_t) = steps.items()
+        lines.append(f"| fine-tune step, {ours_name} vs {peer_name}, {s['seg_batch']} x {s['seg_size']}² | "
+                     f"{ours_t * 1000:.0f} ms vs {peer_t * 1000:.0f} ms (ours/peer {ours_t / peer_t:.2f}) |")
+    else:
+        lines.append(f"| fine-tune step | FAILED: {errors['finetune'].splitlines()[-1]} |")
+    if rates:
+        (a, ra), (b, rb) = rates.items()
+        lines.append(f"| predict {s['predict_size']}², tile {s['tile']}, overlap 0.5, {s['seg_model']} | "
+                     f"{a} {ra / 1e6:.2f} Mpx/s vs {b} {rb / 1e6:.2f} Mpx/s (ours/peer {ra / rb:.2f}) |")
+    else:
+        lines.append(f"| predict | FAILED: {errors['predict'].splitlines()[-1]} |")
     lines.append(f"| wall time | {time.perf_counter() - t_start:.0f} s |")
     table = "\n".join(lines)
     print(table)
     (args.out / "gpu_check.md").write_text(table + "\n")
     (args.out / "gpu_check.json").write_text(json.dumps(
         {"dry_run": dry, "card": card, "precision": precision, "pretrain": rows, "finetune_s": steps,
-         "predict_px_s": rates}, indent=1))
-    return 1 if any("error" in r for r in rows) else 0
+         "predict_px_s": rates, "errors": errors}, indent=1))
+    return 1 if errors or any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
