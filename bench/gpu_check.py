@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout that is not pip-installed
 
 
 def sizes(dry: bool) -> dict:
@@ -153,6 +154,7 @@ def predict_rates(s: dict, device: torch.device, amp: torch.dtype | None) -> dic
 
     from segment.infer import Predictor
     from segment.models import create_model
+    from segment.tiling import class_labels
 
     torch.manual_seed(0)
     size, tile, batch = s["predict_size"], s["tile"], s["predict_batch"]
@@ -162,14 +164,14 @@ def predict_rates(s: dict, device: torch.device, amp: torch.dtype | None) -> dic
                           amp_dtype=amp)
 
     def ours():
-        predictor.predict_logits(image).argmax(0)
+        predictor.predict_labels(image)
 
     @torch.inference_mode()
     def monai():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = sliding_window_inference(image[None].to(device), (tile, tile), batch, model, overlap=0.5,
                                            mode="gaussian", sigma_scale=0.125, sw_device=device, device=device)
-        out[0].argmax(0).cpu()
+        class_labels(out[0]).cpu()  # the same reduction as ours: the ratio is the tile loop
 
     rates: dict[str, list[float]] = {"Predictor": [], "MONAI sliding_window_inference": []}
     fns = {"Predictor": ours, "MONAI sliding_window_inference": monai}

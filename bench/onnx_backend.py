@@ -108,7 +108,7 @@ def child(args: argparse.Namespace) -> None:
     from segment.onnx_backend import onnx_predictor
     from segment.sources import open_source
     from segment.stream import predict_stream
-    from segment.tiling import tile_origins
+    from segment.tiling import class_labels, tile_origins
 
     torch.set_num_threads(args.threads)
     settings = dict(batch_size=args.batch)
@@ -132,7 +132,7 @@ def child(args: argparse.Namespace) -> None:
         with torch.inference_mode():
             out = sliding_window_inference(x, (th, tw), args.batch, predictor.model, overlap=predictor.overlap,
                                            mode="gaussian", sigma_scale=0.125, device="cpu", sw_device="cpu")
-            labels = out[0].argmax(0).to(torch.uint8).numpy()
+            labels = class_labels(out[0]).numpy()
         del out, x
     seconds = time.perf_counter() - t0
     tiles = len(tile_origins(labels.shape, (th, tw), predictor.step_fraction))

@@ -38,13 +38,12 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def score_set(predictor, model, summary, class_map, pairs, tile):
-    import torch
-
     from segment.evaluate import read_truth
     from segment.metrics import confusion_matrix, nasa_iou
     from segment.ood import EntropyTiles, native_tile, tile_features
     from segment.sources import open_source
     from segment.stream import iter_logit_rows
+    from segment.tiling import class_labels
 
     rows = []
     for image, mask in pairs:
@@ -56,7 +55,7 @@ def score_set(predictor, model, summary, class_map, pairs, tile):
             labels = np.empty(src.shape, np.uint8)
             for y0, logits in iter_logit_rows(predictor, src, progress=False):
                 ent(y0, logits)
-                labels[y0 : y0 + logits.shape[1]] = logits.argmax(0).to(torch.uint8).numpy()
+                labels[y0 : y0 + logits.shape[1]] = class_labels(logits).numpy()
         knn = summary.knn(feats)
         ents = ent.means().ravel()
         scores = summary.combine(knn, ents)

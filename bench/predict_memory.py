@@ -64,6 +64,7 @@ def child(args: argparse.Namespace) -> None:
     from segment.sources import open_source
     from segment.stream import predict_stream
     from segment.zoom import resize_image, resize_logits, zoomed_hw
+    from segment.tiling import class_labels
 
     torch.set_num_threads(args.threads)
     model = build_model(args.model, args.classes, args.tile)
@@ -86,7 +87,7 @@ def child(args: argparse.Namespace) -> None:
             out = sliding_window_inference(x, (args.tile, args.tile), args.batch, model, overlap=args.overlap,
                                            mode="gaussian", sigma_scale=0.125, device="cpu", sw_device="cpu")
             out = resize_logits(out[0], hw)[None]
-            labels = out[0].argmax(0).to(torch.uint8).numpy()
+            labels = class_labels(out[0]).numpy()
         del out, x
     seconds = time.perf_counter() - t0
     np.save(args.labels, labels)

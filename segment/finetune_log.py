@@ -20,7 +20,7 @@ def validate(model: nn.Module, dataset, cfg: FinetuneConfig, device) -> dict[str
     cms = []
     for i in range(len(dataset)):
         item = dataset[i]
-        pred = predictor.predict_logits(item["image"]).argmax(0).numpy()
+        pred = predictor.predict_labels(item["image"])
         cms.append(confusion_matrix(pred, item["mask"].numpy(), k))
     agg = aggregate(cms)
     out = {"nasa_iou": float(agg["nasa_iou"]), "miou": float(agg["miou"])}

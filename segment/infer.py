@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pretrain.intensity import canonical_intensity, scale_intensity
 from segment.checkpoint import inference_settings, load_model
-from segment.tiling import TensorRows, gaussian_importance, tile_logit_rows
+from segment.tiling import TensorRows, class_labels, gaussian_importance, tile_logit_rows
 from segment.zoom import check_zoom, resize_image, resize_logits, zoom_arg, zoomed_hw
 
 __all__ = ["dihedral_transforms", "Predictor", "add_inference_args", "inference_kwargs"]
@@ -60,9 +60,7 @@ def _undo(x: Tensor, t: Transform) -> Tensor:
 
 
 def _argmax_uint8(logits: Tensor) -> np.ndarray:
-    if logits.shape[0] > 256:
-        raise ValueError(f"{logits.shape[0]} classes do not fit uint8 labels")
-    return logits.argmax(0).to(torch.uint8).numpy()
+    return class_labels(logits).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -211,8 +209,14 @@ class Predictor:
         return torch.cat([block.cpu() for _, block in tile_logit_rows(self, rows)], dim=1)
 
     def predict_labels(self, image: Tensor) -> np.ndarray:
-        """Argmax class indices (uint8 ``H x W``) of a normalised ``C x H x W`` image."""
-        return _argmax_uint8(self.predict_logits(image))
+        """Argmax class indices (uint8 ``H x W``) of a normalised ``C x H x W`` image.
+
+        At zoom 1 each block of final rows is reduced to labels on the device, so only one byte per
+        pixel comes back to the host (not ``4 K`` bytes of logits)."""
+        if image.dim() != 3 or self.zoom != 1.0:
+            return _argmax_uint8(self.predict_logits(image))
+        rows = TensorRows(image.to(self.device, dtype=torch.float32))
+        return torch.cat([class_labels(block).cpu() for _, block in tile_logit_rows(self, rows)]).numpy()
 
     def scale(self, image: np.ndarray, value_range: tuple[float, float] | None = None,
               path: str | Path | None = None) -> np.ndarray:

@@ -51,7 +51,7 @@ from pretrain.io import ImageContentError
 from segment.infer import Predictor
 from segment.progress import TileProgress
 from segment.sources import ArraySource, RowSource, source_intensity_window
-from segment.tiling import tile_logit_rows
+from segment.tiling import class_labels, tile_logit_rows
 from segment.zoom import RowResampler, image_mode, resize_columns, zoomed_hw
 
 __all__ = ["iter_logit_rows", "predict_stream", "probabilities_uint8"]
@@ -182,9 +182,7 @@ def predict_stream(
         raise ValueError(f"labels_out has shape {labels_out.shape}, the image {(h, w)}")
     for y0, logits in iter_logit_rows(predictor, source, progress=progress, desc=desc):
         rows = logits.shape[1]
-        if logits.shape[0] > 256:
-            raise ValueError(f"{logits.shape[0]} classes do not fit uint8 labels")
-        labels_out[y0 : y0 + rows] = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        labels_out[y0 : y0 + rows] = class_labels(logits).cpu().numpy()
         if on_logits is not None:
             on_logits(y0, logits)
         if probs_out is not None:

@@ -43,6 +43,7 @@ __all__ = [
     "TensorRows",
     "tile_logit_rows",
     "accumulator_bytes",
+    "class_labels",
 ]
 
 Origin = tuple[int, int]
@@ -135,6 +136,19 @@ def accumulate_tiles(
         y0, x0 = y - offset[0], x - offset[1]
         logits_acc[:, y0 : y0 + th, x0 : x0 + tw].addcmul_(t, w)
         weight_acc[:, y0 : y0 + th, x0 : x0 + tw].add_(w)
+
+
+def class_labels(logits: Tensor) -> Tensor:
+    """Argmax over the class axis of ``K x ...`` logits as uint8, on the logits' device; ties go to
+    the lowest class, as ``argmax``.
+
+    ``max(0).indices`` rather than ``argmax(0)``: on the CPU, PyTorch's argmax over a leading axis
+    is several times slower (2.1 s vs 0.3 s for 3 x 4096 x 4096 on one thread, session 10), the
+    same labels.
+    """
+    if logits.shape[0] > 256:
+        raise ValueError(f"{logits.shape[0]} classes do not fit uint8 labels")
+    return logits.max(0).indices.to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- padding

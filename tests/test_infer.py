@@ -7,7 +7,7 @@ from torch import nn
 from _tiles import interior_mask
 from pretrain.intensity import scale_intensity, to_float
 from segment.infer import Predictor, dihedral_transforms
-from segment.tiling import compute_steps, gaussian_importance, tile_origins
+from segment.tiling import class_labels, compute_steps, gaussian_importance, tile_origins
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -254,6 +254,28 @@ def test_predict_labels_and_errors():
         Predictor(Identity(), tile_size=8, overlap=1.0)
     with pytest.raises(RuntimeError, match="non-finite"):
         Predictor(Identity(), tile_size=8).predict_logits(torch.full((1, 8, 8), float("nan")))
+
+
+def test_class_labels_equal_argmax_ties_to_the_lowest_class():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 37, 53)
+    assert torch.equal(class_labels(logits).long(), logits.argmax(0))
+    assert class_labels(logits).dtype == torch.uint8
+    tied = torch.zeros(3, 5, 5)
+    tied[1:, 2, 2] = 1.0  # classes 1 and 2 tie at one pixel, all three tie elsewhere
+    labels = class_labels(tied)
+    assert labels[2, 2] == 1 and int(labels.sum()) == 1
+    with pytest.raises(ValueError, match="uint8"):
+        class_labels(torch.zeros(257, 2, 2))
+
+
+@pytest.mark.parametrize("zoom", [1.0, 0.5])
+def test_predict_labels_equal_argmax_of_predict_logits(zoom):
+    torch.manual_seed(0)
+    p = Predictor(small_conv(k=3), tile_size=16, batch_size=3, zoom=zoom)
+    image = torch.randn(1, 45, 61)
+    expected = p.predict_logits(image).argmax(0).numpy()
+    np.testing.assert_array_equal(p.predict_labels(image), expected)
 
 
 def test_amp_bfloat16_on_cpu_runs():
