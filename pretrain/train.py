@@ -41,7 +41,8 @@ from pretrain.metrics_log import LossWindow, MetricsLog
 from pretrain.outputs import atomic_write_text
 from pretrain.probe_export import build_probe, export_backbone, probe_backbone
 from pretrain.schedules import Schedules, apply_to_optimizer, schedule_config
-from pretrain.throughput import adamw, channels_last, compile_module, enable_sdpa, enable_tf32
+from pretrain.throughput import (adamw, bound_cpu_threads, channels_last, compile_module, enable_sdpa,
+                                 enable_tf32)
 from pretrain.views import MultiCrop, TwoViews
 
 __all__ = ["build_device_augment", "build_method", "build_views", "to_device", "train"]
@@ -120,6 +121,10 @@ def _apply_perf(cfg: PretrainConfig, method, accelerator, *, deepspeed: bool = F
     p, done = cfg.perf, []
     if p.tf32 and enable_tf32(accelerator.device):
         done.append("TF32 matmuls/convolutions")
+    threads = bound_cpu_threads(accelerator.device, cfg.data.num_workers)
+    if threads is not None:
+        done.append(f"{threads} intra-op CPU threads (OMP_NUM_THREADS unset; the rest go to "
+                    f"{cfg.data.num_workers} loader workers)")
     if p.sdpa:
         n = sum(enable_sdpa(net) for net in (method.student, method.teacher) if net is not None)
         if n:

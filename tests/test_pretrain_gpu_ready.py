@@ -254,6 +254,23 @@ def test_tf32_only_on_ampere_and_newer(monkeypatch):
         torch.backends.cudnn.allow_tf32 = saved[1]
 
 
+def test_cpu_threads_capped_on_a_gpu_node_only_when_omp_is_unset(monkeypatch):
+    from pretrain.throughput import bound_cpu_threads, cpu_thread_budget
+
+    assert cpu_thread_budget(16, 1, 15) == 1 and cpu_thread_budget(16, 1, 8) == 8
+    assert cpu_thread_budget(64, 8, 4) == 4 and cpu_thread_budget(4, 1, 8) == 1 and cpu_thread_budget(8, 2, 0) == 4
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    saved = torch.get_num_threads()
+    try:
+        assert bound_cpu_threads("cpu", 8, environ={}) is None  # the model needs the threads on the CPU
+        assert bound_cpu_threads("cuda", 0, environ={}) is None  # no workers to leave room for
+        assert bound_cpu_threads("cuda", 8, environ={"OMP_NUM_THREADS": "4"}) is None  # the user's choice
+        assert bound_cpu_threads("cuda", 8, environ={"LOCAL_WORLD_SIZE": "2"}) == 1
+        assert bound_cpu_threads("cuda", 3, environ={}) == 13 and torch.get_num_threads() == 13
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.slow
 def test_ema_under_deepspeed_bf16_reads_the_fp32_master_weights():
     """ZeRO-2 bf16 in one CPU process: the student's module parameters are bf16; the teacher update
