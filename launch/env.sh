@@ -47,15 +47,13 @@ if [[ -n $MSEG_VENV ]]; then
 fi
 
 # ------------------------------------------------------------------------------------- threads
-# One process per GPU: share the task's CPUs among the processes of a node (torchrun would otherwise
-# force OMP_NUM_THREADS=1, starving CPU-side data decoding).
-if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_PER_TASK:-} ]]; then
-    _mseg_procs=${SLURM_GPUS_ON_NODE:-1}
-    [[ $_mseg_procs =~ ^[1-9][0-9]*$ ]] || _mseg_procs=1
-    OMP_NUM_THREADS=$((SLURM_CPUS_PER_TASK / _mseg_procs))
-    ((OMP_NUM_THREADS >= 1)) || OMP_NUM_THREADS=1
-    export OMP_NUM_THREADS
-    unset _mseg_procs
+# CPU-only jobs: the training process computes on the CPU and gets all of the task's CPUs.
+# GPU jobs: left unset, so `accelerate launch` / torchrun give each rank one intra-op thread and the
+# cores go to the loader workers, which decode and crop in processes of their own. A GPU rank with
+# all of a node's threads starved its 15 workers on an H200 node: 138 images/s against 369 with
+# OMP_NUM_THREADS=1 (BENCHMARKS.md, "On a GPU: the device check").
+if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_PER_TASK:-} && ! ${SLURM_GPUS_ON_NODE:-0} =~ ^[1-9] ]]; then
+    export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK
 fi
 
 # ---------------------------------------------------------------------------------------- NCCL

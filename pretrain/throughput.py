@@ -107,7 +107,9 @@ def bound_cpu_threads(device: torch.device | str, num_workers: int,
     Why: by default the training process starts one OpenMP thread per core, which spin and take the
     cores the loader workers need. On an H200 node (16 cores, 15 workers, DINO Swin-T) that ran at
     138 images/s with the loader waited on 69 % of the time, against 369 images/s and 16 % with
-    ``OMP_NUM_THREADS=1`` (session 10, BENCHMARKS.md). On the CPU the model itself needs the threads.
+    ``OMP_NUM_THREADS=1`` (session 10, BENCHMARKS.md). ``accelerate launch`` and torchrun set the
+    variable to 1 themselves; this covers ``python pretrain/main.py`` without a launcher. On the CPU the
+    model itself needs the threads.
     """
     if torch.device(device).type != "cuda" or num_workers <= 0 or environ.get("OMP_NUM_THREADS"):
         return None

@@ -186,6 +186,26 @@ def test_shellcheck_clean():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("preset, gpus, expected", [
+    (None, "1", "unset"),    # GPU job: the launcher's one thread per rank, the cores go to loader workers
+    (None, "4", "unset"),
+    (None, None, "16"),      # CPU-only job: the training process computes on all of the task's CPUs
+    (None, "0", "16"),
+    ("3", "1", "3"),         # the user's value wins
+])
+def test_env_sh_threads_leave_gpu_ranks_to_the_launcher(preset, gpus, expected):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MSEG", "OMP_NUM_THREADS"))}
+    env.update(MSEG_VENV="", MSEG_ENV_LOCAL="/nonexistent", SLURM_CPUS_PER_TASK="16")
+    if preset is not None:
+        env["OMP_NUM_THREADS"] = preset
+    if gpus is not None:
+        env["SLURM_GPUS_ON_NODE"] = gpus
+    r = subprocess.run(["bash", "-c", f'set -euo pipefail; source {LAUNCH / "env.sh"}; echo "${{OMP_NUM_THREADS:-unset}}"'],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == expected
+
+
 def test_scripts_are_executable_and_strict():
     for p in (LOCAL, PRETRAIN, FINETUNE, SWEEP):
         assert os.access(p, os.X_OK), f"{p} is not executable"
