@@ -197,6 +197,14 @@ def _version(package: str) -> str:
         return "absent"
 
 
+def _peer_row(title: str, result: dict[str, float] | None, error: str | None, show) -> str:
+    """``| title | ours X vs peer Y (ours/peer r) |`` from ``{ours: x, peer: y}``, or the failure's last line."""
+    if not result:
+        return f"| {title} | FAILED: {(error or 'no result').splitlines()[-1]} |"
+    (a, va), (b, vb) = result.items()
+    return f"| {title} | {a} {show(va)} vs {b} {show(vb)} (ours/peer {va / vb:.2f}) |"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models, same code paths")
@@ -230,18 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(pretrain_run("zero3_simclr", ["distributed.deepspeed=zero3", "pretrain/method=simclr",
                                                   "method.options={}", "knn.every=10", "data.views.n_local=0"],
                                  s, args.out, gpus, corpus))
-    steps, rates, errors = {}, {}, {}
+    results, errors = {}, {}
     for key, fn in (("finetune", finetune_steps), ("predict", predict_rates)):
         t0 = time.perf_counter()
         try:
-            result = fn(s, device, amp)
+            results[key] = fn(s, device, amp)
         except Exception as e:  # noqa: BLE001 - one failed item must not hide the others' numbers
             import traceback
 
             errors[key] = traceback.format_exc()[-1500:]
             print(f"[gpu_check] {key} FAILED: {e!r}", flush=True)
             continue
-        (steps if key == "finetune" else rates).update(result)
         print(f"[gpu_check] {key}: {time.perf_counter() - t0:.0f} s", flush=True)
 
     what = "tiny swin_test 32 px" if dry else "DINO Swin-T 224 px (2x224 + 6x96 crops)"
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{_version('deepspeed')} / {_version('accelerate')} |",
     ]
     for r in rows:
-        kind = what.replace("DINO", "SimCLR").split(" (")[0] + " (2 views)" if "simclr" in r["name"] else what
+        kind = "SimCLR Swin-T 224 px (2 views)" if r["name"] == "zero3_simclr" else what
         label = f"{kind}, {r['name']}, batch {s['batch']}/GPU x {gpus}"
         if "error" in r:
             lines.append(f"| {label} | FAILED (log: pretrain_{r['name']}.log) |")
@@ -264,25 +271,17 @@ def main(argv: list[str] | None = None) -> int:
         mem = f"{r['peak_gb']:.1f} GiB peak" if r["peak_gb"] is not None else "peak n/a (CPU)"
         lines.append(f"| {label} | {r['images_per_s']:.1f} img/s, {mem}, data wait {r['data_wait']:.2f}, "
                      f"loss {r['loss']:.3f} after {r['steps']} steps |")
-    if steps:
-        (ours_name, ours_t), (peer_name, peer_t) = steps.items()
-        lines.append(f"| fine-tune step, {ours_name} vs {peer_name}, {s['seg_batch']} x {s['seg_size']}² | "
-                     f"{ours_t * 1000:.0f} ms vs {peer_t * 1000:.0f} ms (ours/peer {ours_t / peer_t:.2f}) |")
-    else:
-        lines.append(f"| fine-tune step | FAILED: {errors['finetune'].splitlines()[-1]} |")
-    if rates:
-        (a, ra), (b, rb) = rates.items()
-        lines.append(f"| predict {s['predict_size']}², tile {s['tile']}, overlap 0.5, {s['seg_model']} | "
-                     f"{a} {ra / 1e6:.2f} Mpx/s vs {b} {rb / 1e6:.2f} Mpx/s (ours/peer {ra / rb:.2f}) |")
-    else:
-        lines.append(f"| predict | FAILED: {errors['predict'].splitlines()[-1]} |")
+    lines.append(_peer_row(f"fine-tune step, {s['seg_batch']} x {s['seg_size']}²", results.get("finetune"),
+                           errors.get("finetune"), lambda t: f"{t * 1000:.0f} ms"))
+    lines.append(_peer_row(f"predict {s['predict_size']}², tile {s['tile']}, overlap 0.5, {s['seg_model']}",
+                           results.get("predict"), errors.get("predict"), lambda r: f"{r / 1e6:.2f} Mpx/s"))
     lines.append(f"| wall time | {time.perf_counter() - t_start:.0f} s |")
     table = "\n".join(lines)
     print(table)
     (args.out / "gpu_check.md").write_text(table + "\n")
     (args.out / "gpu_check.json").write_text(json.dumps(
-        {"dry_run": dry, "card": card, "precision": precision, "pretrain": rows, "finetune_s": steps,
-         "predict_px_s": rates, "errors": errors}, indent=1))
+        {"dry_run": dry, "card": card, "precision": precision, "pretrain": rows,
+         "finetune_s": results.get("finetune", {}), "predict_px_s": results.get("predict", {}), "errors": errors}, indent=1))
     return 1 if errors or any("error" in r for r in rows) else 0
 
 

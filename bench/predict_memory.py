@@ -63,8 +63,8 @@ def child(args: argparse.Namespace) -> None:
     from segment.infer import Predictor
     from segment.sources import open_source
     from segment.stream import predict_stream
-    from segment.zoom import resize_image, resize_logits, zoomed_hw
     from segment.tiling import class_labels
+    from segment.zoom import resize_image, resize_logits, zoomed_hw
 
     torch.set_num_threads(args.threads)
     model = build_model(args.model, args.classes, args.tile)

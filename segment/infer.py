@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -204,9 +204,13 @@ class Predictor:
         small = resize_image(image.to(dtype=torch.float32), zoomed_hw(hw, self.zoom))
         return resize_logits(self._predict_logits(small), hw)
 
+    def _blocks(self, image: Tensor) -> Iterator[Tensor]:
+        """Blocks of final logit rows (``K x h x W``, on the device) of an image on the model grid."""
+        for _, block in tile_logit_rows(self, TensorRows(image.to(self.device, dtype=torch.float32))):
+            yield block
+
     def _predict_logits(self, image: Tensor) -> Tensor:
-        rows = TensorRows(image.to(self.device, dtype=torch.float32))
-        return torch.cat([block.cpu() for _, block in tile_logit_rows(self, rows)], dim=1)
+        return torch.cat([block.cpu() for block in self._blocks(image)], dim=1)
 
     def predict_labels(self, image: Tensor) -> np.ndarray:
         """Argmax class indices (uint8 ``H x W``) of a normalised ``C x H x W`` image.
@@ -215,8 +219,7 @@ class Predictor:
         pixel comes back to the host (not ``4 K`` bytes of logits)."""
         if image.dim() != 3 or self.zoom != 1.0:
             return _argmax_uint8(self.predict_logits(image))
-        rows = TensorRows(image.to(self.device, dtype=torch.float32))
-        return torch.cat([class_labels(block).cpu() for _, block in tile_logit_rows(self, rows)]).numpy()
+        return torch.cat([class_labels(block).cpu() for block in self._blocks(image)]).numpy()
 
     def scale(self, image: np.ndarray, value_range: tuple[float, float] | None = None,
               path: str | Path | None = None) -> np.ndarray:

@@ -20,7 +20,7 @@ def test_gpu_check_dry_run_prints_the_table_and_every_run_succeeds(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout
     for needle in ("| card | CPU dry run", "| precision=auto | fp32 (no GPU)", ", ddp, ", ", zero2, ",
-                   "| fine-tune step, cs_unet_test vs smp Unet", "Predictor", "MONAI sliding_window_inference"):
+                   "| fine-tune step, 2 x 64² | cs_unet_test ", " vs smp Unet", "Predictor", "MONAI sliding_window_inference"):
         assert needle in table, table
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["name"] for r in result["pretrain"]] == ["ddp", "zero2"]

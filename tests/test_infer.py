@@ -278,6 +278,16 @@ def test_predict_labels_equal_argmax_of_predict_logits(zoom):
     np.testing.assert_array_equal(p.predict_labels(image), expected)
 
 
+def test_predict_labels_at_zoom_1_never_assembles_the_logits(monkeypatch):
+    """Labels are reduced block by block where the logits are (one byte per pixel to the host)."""
+    p = Predictor(small_conv(k=3), tile_size=16, batch_size=3)
+    image = torch.randn(1, 45, 61)
+    expected = p.predict_logits(image).argmax(0).numpy()
+    monkeypatch.setattr(Predictor, "predict_logits", lambda self, x: pytest.fail("whole-image logits built"))
+    monkeypatch.setattr(Predictor, "_predict_logits", lambda self, x: pytest.fail("whole-image logits built"))
+    np.testing.assert_array_equal(p.predict_labels(image), expected)
+
+
 def test_amp_bfloat16_on_cpu_runs():
     model = small_conv(k=2)
     image = torch.randn(1, 40, 40)
